@@ -1,0 +1,244 @@
+"""megatron-core ``GPTModel``\\ s from Hugging Face checkpoint directories.
+
+``load_hf_gpt(model_dir, parallel=..., dtype=...)`` reads ``config.json``, checks that the
+parallel layout fits the model (before any weight is read), builds a ``GPTModel`` with the
+matching ``TransformerConfig`` and fills it with ModelOpt's ``import_mcore_gpt_from_hf``, which
+slices each checkpoint tensor for this rank's TP shard.
+
+On CPU the model uses megatron's local layer spec with every fusion off and
+``use_cpu_initialization=True``; with CUDA and Transformer Engine installed it uses the ModelOpt
+layer spec megatron-core provides for ModelOpt (``get_gpt_modelopt_spec``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from nemo_opd.models.architectures import architecture_traits
+from nemo_opd.runtime import ParallelConfig, tensor_parallel_layout
+
+__all__ = [
+    "HFModelConfig",
+    "read_hf_config",
+    "check_parallel_fits",
+    "transformer_config",
+    "build_gpt_model",
+    "load_hf_gpt",
+]
+
+logger = logging.getLogger(__name__)
+
+# megatron's llama3 RoPE scaling hard-codes these (RotaryEmbedding._apply_scaling).
+_MEGATRON_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192}
+
+
+@dataclasses.dataclass(frozen=True)
+class HFModelConfig:
+    """The fields of an HF ``config.json`` that shape a megatron ``GPTModel``."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling_factor: float | None
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+    qkv_bias: bool
+    qk_layernorm: bool
+
+
+def _rope(raw: dict, config_path: Path) -> tuple[float, float | None]:
+    # transformers <5 writes rope_theta + rope_scaling; 5.x writes one rope_parameters dict.
+    params = raw.get("rope_parameters") or {}
+    scaling = raw.get("rope_scaling") or params
+    theta = float(raw.get("rope_theta", params.get("rope_theta", 10000.0)))
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind in (None, "default"):
+        return theta, None
+    if kind == "llama3" and all(
+        float(scaling.get(k, v)) == v for k, v in _MEGATRON_LLAMA3_ROPE.items()
+    ):
+        return theta, float(scaling["factor"])
+    raise ValueError(
+        f"{config_path}: RoPE scaling {scaling} is not supported; supported: none, or 'llama3' "
+        f"with {_MEGATRON_LLAMA3_ROPE} (what megatron-core implements)"
+    )
+
+
+def read_hf_config(model_dir: str | Path) -> HFModelConfig:
+    """Parse ``model_dir/config.json``; raises before any weight is touched if it cannot be used."""
+    model_dir = Path(model_dir)
+    config_path = model_dir / "config.json"
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"model directory {model_dir} does not exist")
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{model_dir} has no config.json; expected a Hugging Face model "
+                                "directory written by save_pretrained")
+    raw = json.loads(config_path.read_text())
+    architectures = raw.get("architectures") or []
+    if len(architectures) != 1:
+        raise ValueError(f"{config_path}: expected exactly one entry in 'architectures', "
+                         f"got {architectures!r}")
+    traits = architecture_traits(architectures[0])
+    heads = int(raw["num_attention_heads"])
+    rope_theta, rope_scaling_factor = _rope(raw, config_path)
+    qkv_bias = traits.default_qkv_bias
+    if traits.qkv_bias_field is not None:
+        qkv_bias = bool(raw.get(traits.qkv_bias_field, qkv_bias))
+    return HFModelConfig(
+        architecture=architectures[0],
+        vocab_size=int(raw["vocab_size"]),
+        hidden_size=int(raw["hidden_size"]),
+        ffn_hidden_size=int(raw["intermediate_size"]),
+        num_layers=int(raw["num_hidden_layers"]),
+        num_attention_heads=heads,
+        num_key_value_heads=int(raw.get("num_key_value_heads") or heads),
+        head_dim=int(raw.get("head_dim") or raw["hidden_size"] // heads),
+        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        rope_theta=rope_theta,
+        rope_scaling_factor=rope_scaling_factor,
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
+        qkv_bias=qkv_bias,
+        qk_layernorm=traits.qk_layernorm,
+    )
+
+
+def check_parallel_fits(config: HFModelConfig, parallel: ParallelConfig) -> None:
+    """Raise ``ValueError`` naming the value and the constraint if ``parallel`` cannot shard it."""
+    tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
+    problems = [
+        f"{name} = {value} is not divisible by tensor_model_parallel_size = {tp}"
+        for name, value in (("num_attention_heads", config.num_attention_heads),
+                            ("num_key_value_heads", config.num_key_value_heads),
+                            ("vocab_size", config.vocab_size),
+                            ("intermediate_size", config.ffn_hidden_size))
+        if value % tp
+    ]
+    if config.num_layers % pp:
+        problems.append(f"num_hidden_layers = {config.num_layers} is not divisible by "
+                        f"pipeline_model_parallel_size = {pp}")
+    if problems:
+        raise ValueError(f"{config.architecture}: parallel layout does not fit the model: "
+                         + "; ".join(problems))
+
+
+def transformer_config(config: HFModelConfig, parallel: ParallelConfig,
+                       dtype: torch.dtype = torch.float32) -> TransformerConfig:
+    """The megatron ``TransformerConfig`` equivalent of ``config`` at ``parallel``/``dtype``."""
+    check_parallel_fits(config, parallel)
+    on_gpu = torch.cuda.is_available()
+    return TransformerConfig(
+        num_layers=config.num_layers,
+        hidden_size=config.hidden_size,
+        ffn_hidden_size=config.ffn_hidden_size,
+        num_attention_heads=config.num_attention_heads,
+        num_query_groups=config.num_key_value_heads,
+        kv_channels=config.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=config.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=config.qkv_bias,
+        qk_layernorm=config.qk_layernorm,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        # Weights drawn as full master tensors on CPU, then sliced: same model at any TP size.
+        use_cpu_initialization=not on_gpu,
+        perform_initialization=True,
+        # Fused kernels are CUDA-only; on GPU megatron's defaults stand.
+        **({} if on_gpu else dict(
+            gradient_accumulation_fusion=False,
+            masked_softmax_fusion=False,
+            bias_activation_fusion=False,
+            bias_dropout_fusion=False,
+            apply_rope_fusion=False,
+            persist_layer_norm=False,
+        )),
+    )
+
+
+def _layer_spec(config: TransformerConfig) -> ModuleSpec:
+    if torch.cuda.is_available():
+        try:
+            from megatron.core.post_training.modelopt.gpt.model_specs import get_gpt_modelopt_spec
+
+            return get_gpt_modelopt_spec(config, remap_te_layernorm=True)
+        except ImportError:  # no Transformer Engine: the local spec works on GPU too
+            pass
+    return get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization="RMSNorm")
+
+
+def build_gpt_model(config: HFModelConfig, parallel: ParallelConfig | None = None, *,
+                    dtype: torch.dtype = torch.float32,
+                    pg_collection: ProcessGroupCollection | None = None) -> GPTModel:
+    """A randomly initialised ``GPTModel`` shaped like ``config`` (vocab-parallel logits).
+
+    ``pg_collection`` gives the model its own process groups (a teacher whose layout differs from
+    the global one, see :func:`nemo_opd.runtime.model_process_groups`); ``parallel`` must then
+    describe that layout.
+    """
+    parallel = parallel or ParallelConfig()
+    tconfig = transformer_config(config, parallel, dtype)
+    model = GPTModel(
+        config=tconfig,
+        transformer_layer_spec=_layer_spec(tconfig),
+        vocab_size=config.vocab_size,
+        max_sequence_length=config.max_position_embeddings,
+        parallel_output=True,
+        share_embeddings_and_output_weights=config.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(config.rope_theta),
+        rope_scaling=config.rope_scaling_factor is not None,
+        rope_scaling_factor=config.rope_scaling_factor or 8.0,
+        pg_collection=pg_collection,
+    )
+    if torch.cuda.is_available():
+        model.cuda()
+    return model
+
+
+def load_hf_gpt(model_dir: str | Path, parallel: ParallelConfig | None = None, *,
+                dtype: torch.dtype = torch.float32,
+                pg_collection: ProcessGroupCollection | None = None) -> GPTModel:
+    """Build a ``GPTModel`` and load the HF checkpoint in ``model_dir`` into it (this rank's shard).
+
+    Raises ``FileNotFoundError``/``ValueError`` for a missing ``config.json``, an unsupported
+    architecture or a layout that does not fit, before any weight is read.
+    """
+    from modelopt.torch.export import import_mcore_gpt_from_hf
+
+    config = read_hf_config(model_dir)
+    model = build_gpt_model(config, parallel, dtype=dtype, pg_collection=pg_collection)
+    layout = (tensor_parallel_layout(pg_collection.tp) if pg_collection is not None
+              else contextlib.nullcontext())
+    with layout:
+        import_mcore_gpt_from_hf(model, str(model_dir), dtype=dtype)
+    logger.info("loaded %s from %s (%s)", config.architecture, model_dir, dtype)
+    return model
+

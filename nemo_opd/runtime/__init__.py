@@ -1,0 +1,25 @@
+"""Process groups, megatron-core parallel state, devices, and the CPU backend for megatron-core."""
+
+from nemo_opd.runtime.distributed import (
+    ParallelConfig,
+    RuntimeInfo,
+    distributed_runtime,
+    initialize_runtime,
+    model_process_groups,
+    runtime_device,
+    seed_all,
+    teardown_runtime,
+    tensor_parallel_layout,
+)
+
+__all__ = [
+    "ParallelConfig",
+    "RuntimeInfo",
+    "distributed_runtime",
+    "initialize_runtime",
+    "model_process_groups",
+    "runtime_device",
+    "seed_all",
+    "teardown_runtime",
+    "tensor_parallel_layout",
+]

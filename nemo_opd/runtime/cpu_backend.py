@@ -1,0 +1,117 @@
+"""The CPU backend for megatron-core: every accommodation megatron-core 0.16 needs to run without
+CUDA, in one place.
+
+megatron-core is written for GPUs; a handful of call sites assume CUDA even when
+``use_cpu_initialization=True`` and all fusions are off. Each accommodation below says which call
+site it serves and why it is safe. They are applied by :func:`apply_cpu_accommodations`, which
+the runtime calls only when ``torch.cuda.is_available()`` is False, and which is idempotent.
+On a GPU machine nothing here runs.
+
+1. **RNG-states tracker.** ``tensor_parallel.random.CudaRNGStatesTracker`` stores and swaps
+   ``torch.cuda`` generator states (``model_parallel_cuda_manual_seed``, the ``fork()`` around
+   dropout and weight init). :class:`CpuRNGStatesTracker` keeps the same named states
+   (data-parallel, model-parallel, expert-parallel) as CPU generator states and is installed as
+   megatron's global tracker, so seeding and ``fork()`` behave as on GPU.
+2. **``torch.cuda.current_device()``** is used as a device argument in rotary embeddings
+   (``RotaryEmbedding.__init__``/``forward``) and ``GlobalMemoryBuffer``. Without CUDA it raises.
+   It is replaced by a function returning ``torch.device("cpu")``, which every tensor factory
+   accepts as a device. Code that needs a real CUDA index cannot run on a CUDA-less machine
+   anyway.
+3. **Causal masks.** ``transformer.utils.get_default_causal_mask`` and
+   ``get_sliding_window_causal_mask`` build masks with ``device="cuda"``; the softmax in
+   ``fusions.fused_softmax`` calls them when no mask is passed. The copies bound in
+   ``fused_softmax`` are replaced by device-neutral versions (same values, CPU tensors).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+
+import torch
+from megatron.core.fusions import fused_softmax
+from megatron.core.tensor_parallel import random as mcore_random
+
+__all__ = [
+    "CpuRNGStatesTracker",
+    "apply_cpu_accommodations",
+    "cpu_accommodations_applied",
+    "install_cpu_rng_tracker",
+]
+
+logger = logging.getLogger(__name__)
+
+_APPLIED = False
+
+
+class CpuRNGStatesTracker(mcore_random.CudaRNGStatesTracker):
+    """megatron's RNG-states tracker on the CPU generator (``torch.get_rng_state``).
+
+    ``add(name, seed)`` records the CPU generator state a ``torch.manual_seed(seed)`` would
+    produce, without disturbing the current state; ``fork(name)`` swaps it in for the body of a
+    ``with`` block and keeps its advanced state afterwards, exactly as the CUDA tracker does with
+    CUDA generator states.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(use_cudagraphable_rng=False, is_inference_rng_tracker=False)
+
+    def add(self, name: str, seed: int) -> None:
+        if seed in self.seeds_:
+            raise ValueError(f"RNG seed {seed} already exists")
+        if name in self.states_:
+            raise ValueError(f"RNG state {name!r} already exists")
+        self._is_initialized = True
+        self.seeds_.add(seed)
+        self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+    @contextlib.contextmanager
+    def fork(self, name: str = mcore_random._MODEL_PARALLEL_RNG_TRACKER_NAME) -> Iterator[None]:
+        if name not in self.states_:
+            raise KeyError(f"RNG state {name!r} was never added (seed the runtime first)")
+        outer_state = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(outer_state)
+
+
+def _cpu_current_device() -> torch.device:
+    return torch.device("cpu")
+
+
+def _causal_mask(sq: int) -> torch.Tensor:
+    return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+
+
+def _sliding_window_causal_mask(sq: int, skv: int, window_size: tuple[int, int]) -> torch.Tensor:
+    ones = torch.ones(sq, skv, dtype=torch.bool)
+    upper = torch.triu(ones, diagonal=skv - sq - window_size[0])
+    return ~torch.tril(upper, diagonal=skv - sq + window_size[1])
+
+
+def install_cpu_rng_tracker() -> None:
+    """Make megatron's global RNG tracker a :class:`CpuRNGStatesTracker` (resetting its states)."""
+    mcore_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
+    mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+
+def apply_cpu_accommodations() -> None:
+    """Apply the three accommodations above (no-op when CUDA is available or already applied)."""
+    global _APPLIED
+    if _APPLIED or torch.cuda.is_available():
+        return
+    install_cpu_rng_tracker()
+    torch.cuda.current_device = _cpu_current_device
+    fused_softmax.get_default_causal_mask = _causal_mask
+    fused_softmax.get_sliding_window_causal_mask = _sliding_window_causal_mask
+    _APPLIED = True
+    logger.debug("megatron-core CPU accommodations applied")
+
+
+def cpu_accommodations_applied() -> bool:
+    """Whether :func:`apply_cpu_accommodations` has patched this process."""
+    return _APPLIED

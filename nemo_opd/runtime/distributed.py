@@ -1,0 +1,252 @@
+"""Process groups and megatron-core parallel state for one nemo_opd process.
+
+One entry point, :func:`initialize_runtime`, brings up ``torch.distributed`` (NCCL with CUDA,
+gloo without) from torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+``MASTER_ADDR``, ``MASTER_PORT``) or as a single process when those are absent, applies the CPU
+backend when there is no CUDA, initialises megatron-core's parallel state for the *student's*
+layout and seeds every generator. :func:`teardown_runtime` undoes all of it.
+
+A second model with another tensor-parallel size in the same job (a teacher at TP=1 next to a
+TP=2 student, say) gets its own :class:`~megatron.core.process_groups_config.ProcessGroupCollection`
+from :func:`model_process_groups`; megatron-core's modules take it as ``pg_collection``. Code that
+reads megatron's *global* TP rank (ModelOpt's HF importer) runs inside :func:`tensor_parallel_layout`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import random
+import socket
+from collections.abc import Iterator
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.hyper_comm_grid import HyperCommGrid
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+from nemo_opd.runtime import cpu_backend
+
+__all__ = [
+    "ParallelConfig",
+    "RuntimeInfo",
+    "initialize_runtime",
+    "teardown_runtime",
+    "distributed_runtime",
+    "seed_all",
+    "runtime_device",
+    "model_process_groups",
+    "tensor_parallel_layout",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelConfig:
+    """Model-parallel layout of one model. Data parallelism takes the remaining ranks."""
+
+    tensor_model_parallel_size: int = 1
+    """Ranks that split each layer's weights (and the vocabulary of the logits)."""
+
+    pipeline_model_parallel_size: int = 1
+    """Ranks that split the stack of layers."""
+
+    def __post_init__(self) -> None:
+        for field in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"ParallelConfig.{field} must be a positive integer, got {value!r}")
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """Data-parallel size in a job of ``world_size`` ranks; raises if the layout does not fit."""
+        if world_size % self.model_parallel_size:
+            raise ValueError(
+                f"world size {world_size} is not divisible by tensor_model_parallel_size "
+                f"({self.tensor_model_parallel_size}) x pipeline_model_parallel_size "
+                f"({self.pipeline_model_parallel_size}) = {self.model_parallel_size}"
+            )
+        return world_size // self.model_parallel_size
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeInfo:
+    """What :func:`initialize_runtime` set up."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str
+    device: torch.device
+    parallel: ParallelConfig
+    data_parallel_size: int
+    owns_process_group: bool
+    """True when this runtime created the default process group (and so destroys it)."""
+
+
+_RUNTIME: RuntimeInfo | None = None
+
+
+def runtime_device() -> torch.device:
+    """``cuda:<LOCAL_RANK>`` when CUDA is available, else ``cpu``."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _init_process_group(backend: str, timeout: timedelta) -> None:
+    if "RANK" not in os.environ:
+        # A plain `python script.py`: a world of one, so the same code path as torchrun.
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    dist.init_process_group(backend=backend, timeout=timeout)
+
+
+def seed_all(seed: int) -> None:
+    """Seed Python, NumPy, torch and megatron's tracked RNG states.
+
+    The default torch generator gets the same seed on every rank, so weights built with
+    ``use_cpu_initialization=True`` (the full master weight is drawn, then sliced) are the same
+    model at any TP size. megatron's tracker adds its per-TP-rank stream for dropout.
+    """
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if not torch.cuda.is_available():
+        cpu_backend.install_cpu_rng_tracker()
+    model_parallel_cuda_manual_seed(seed)
+
+
+def initialize_runtime(
+    parallel: ParallelConfig | None = None,
+    *,
+    seed: int = 1234,
+    backend: str | None = None,
+    timeout_minutes: int = 10,
+) -> RuntimeInfo:
+    """Initialise torch.distributed, megatron-core parallel state and RNGs for this process.
+
+    Args:
+        parallel: the student's layout; defaults to TP=1, PP=1 (all ranks data parallel).
+        seed: seed for every generator (see :func:`seed_all`).
+        backend: ``"nccl"`` or ``"gloo"``; defaults to NCCL when CUDA is available, else gloo.
+        timeout_minutes: collective timeout.
+
+    Raises:
+        ValueError: the layout does not divide the world size (checked before any group is made).
+        RuntimeError: the runtime is already initialised.
+    """
+    global _RUNTIME
+    if _RUNTIME is not None:
+        raise RuntimeError("nemo_opd runtime is already initialised; call teardown_runtime() first")
+    parallel = parallel or ParallelConfig()
+    world_size = int(os.environ.get("WORLD_SIZE", dist.get_world_size() if dist.is_initialized() else 1))
+    data_parallel_size = parallel.data_parallel_size(world_size)
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    device = runtime_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    else:
+        cpu_backend.apply_cpu_accommodations()
+
+    owns_group = not dist.is_initialized()
+    if owns_group:
+        _init_process_group(backend, timedelta(minutes=timeout_minutes))
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        distributed_timeout_minutes=timeout_minutes,
+        # Without CUDA the default backend already is gloo; extra gloo groups would be duplicates.
+        create_gloo_process_groups=device.type == "cuda",
+    )
+    seed_all(seed)
+    _RUNTIME = RuntimeInfo(
+        rank=dist.get_rank(), world_size=dist.get_world_size(),
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")), backend=dist.get_backend(),
+        device=device, parallel=parallel, data_parallel_size=data_parallel_size,
+        owns_process_group=owns_group,
+    )
+    logger.info("runtime up: %s", _RUNTIME)
+    return _RUNTIME
+
+
+def teardown_runtime() -> None:
+    """Destroy megatron's parallel state and, if this runtime created it, the process group."""
+    global _RUNTIME
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if _RUNTIME is not None and _RUNTIME.owns_process_group and dist.is_initialized():
+        dist.destroy_process_group()
+    _RUNTIME = None
+
+
+@contextlib.contextmanager
+def distributed_runtime(parallel: ParallelConfig | None = None, **kwargs) -> Iterator[RuntimeInfo]:
+    """``with distributed_runtime(ParallelConfig(2)) as rt: ...`` — initialise, then tear down."""
+    info = initialize_runtime(parallel, **kwargs)
+    try:
+        yield info
+    finally:
+        teardown_runtime()
+
+
+def model_process_groups(parallel: ParallelConfig) -> ProcessGroupCollection:
+    """Process groups for a model whose layout differs from the global (student's) one.
+
+    Ranks are laid out TP-fastest, like megatron's default order. Every rank must call this with
+    the same ``parallel`` (process-group creation is collective). For the global layout itself use
+    ``ProcessGroupCollection.use_mpu_process_groups()``.
+    """
+    world_size = dist.get_world_size()
+    dp = parallel.data_parallel_size(world_size)
+    grid = HyperCommGrid(
+        [parallel.tensor_model_parallel_size, 1, dp, parallel.pipeline_model_parallel_size],
+        ["tp", "cp", "dp", "pp"],
+    )
+    pgs = ProcessGroupCollection()
+    pgs.tp = grid.create_pg("tp")
+    pgs.cp = grid.create_pg("cp")
+    pgs.dp = grid.create_pg("dp")
+    pgs.pp = grid.create_pg("pp")
+    pgs.tp_cp = grid.create_pg(["tp", "cp"])
+    pgs.dp_cp = grid.create_pg(["cp", "dp"])
+    pgs.mp = grid.create_pg(["tp", "pp"])
+    pgs.embd = pgs.pp if parallel.pipeline_model_parallel_size > 1 else None
+    pgs.pos_embd = None
+    return pgs
+
+
+@contextlib.contextmanager
+def tensor_parallel_layout(tp_group: dist.ProcessGroup) -> Iterator[None]:
+    """Make megatron's global TP rank/size read as ``tp_group``'s inside the block.
+
+    For library code that reads ``parallel_state.get_tensor_model_parallel_rank()`` instead of
+    taking a group (ModelOpt's HF importer slices checkpoint tensors with it). Uses megatron's own
+    override setters and restores the previous overrides on exit.
+    """
+    previous = (parallel_state._MPU_TENSOR_MODEL_PARALLEL_RANK,
+                parallel_state._MPU_TENSOR_MODEL_PARALLEL_WORLD_SIZE)
+    parallel_state.set_tensor_model_parallel_rank(dist.get_rank(tp_group))
+    parallel_state.set_tensor_model_parallel_world_size(dist.get_world_size(tp_group))
+    try:
+        yield
+    finally:
+        parallel_state.set_tensor_model_parallel_rank(previous[0])
+        parallel_state.set_tensor_model_parallel_world_size(previous[1])

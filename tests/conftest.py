@@ -1,0 +1,29 @@
+"""Shared fixtures: one thread per process, tiny HF model directories built once per session."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from nemo_opd.models.tiny import make_tiny_tokenizer
+
+    return make_tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory, tiny_tokenizer) -> dict[str, str]:
+    """``{"llama": dir, "qwen3": dir}``: tiny random HF checkpoints written with save_pretrained."""
+    from nemo_opd.models.tiny import TINY_FAMILIES, make_tiny_hf_model
+
+    root = tmp_path_factory.mktemp("tiny_models")
+    return {family: str(make_tiny_hf_model(root / family, family, seed=i, tokenizer=tiny_tokenizer))
+            for i, family in enumerate(TINY_FAMILIES)}
