@@ -18,7 +18,8 @@ import queue
 import socket
 import time
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 __all__ = ["run_ranks", "MultiRankError"]
 
@@ -34,7 +35,7 @@ def _free_port() -> int:
 
 
 def _rank_main(rank: int, world_size: int, port: int, fn: Callable[..., Any], kwargs: dict,
-               results: "mp.Queue") -> None:
+               results: mp.Queue) -> None:
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
         LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
@@ -78,12 +79,13 @@ def run_ranks(fn: Callable[..., Any], world_size: int = 2, *, timeout: float = 3
                                      + _failures_text(outcomes))
             try:
                 rank, ok, value = results.get(timeout=min(remaining, 1.0))
-            except queue.Empty:
+            except queue.Empty:  # nothing reported yet: check nobody died silently
                 dead = [r for r, p in enumerate(procs)
                         if r not in outcomes and p.exitcode not in (None, 0)]
                 if dead:
                     raise MultiRankError(f"rank {dead[0]} died with exit code "
-                                         f"{procs[dead[0]].exitcode}" + _failures_text(outcomes))
+                                         f"{procs[dead[0]].exitcode}"
+                                         + _failures_text(outcomes)) from None
                 continue
             outcomes[rank] = (ok, value)
             if not ok:
@@ -92,7 +94,7 @@ def run_ranks(fn: Callable[..., Any], world_size: int = 2, *, timeout: float = 3
                 while True:
                     try:
                         r2, ok2, v2 = results.get_nowait()
-                    except queue.Empty:
+                    except queue.Empty:  # nothing reported yet: check nobody died silently
                         break
                     outcomes[r2] = (ok2, v2)
                 raise MultiRankError(_failures_text(outcomes).lstrip("\n"))

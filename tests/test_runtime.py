@@ -81,12 +81,14 @@ def _tp_equivalence_body(model_dir: str) -> dict[str, tuple[float, float]]:
     from megatron.core import parallel_state
 
     from nemo_opd.models.hf_import import build_gpt_model, read_hf_config
+    from nemo_opd.models.parallel_grads import tp_partial_grad_params
     from nemo_opd.runtime import distributed_runtime, model_process_groups, seed_all
 
     config = read_hf_config(model_dir)
     with distributed_runtime(ParallelConfig(tensor_model_parallel_size=2), seed=7):
         seed_all(7)
         tp2 = build_gpt_model(config, ParallelConfig(2))
+        assert len(tp_partial_grad_params(tp2)) == 2 * config.num_layers  # q and k norms
         tp1_groups = model_process_groups(ParallelConfig(1))
         seed_all(7)
         tp1 = build_gpt_model(config, ParallelConfig(1), pg_collection=tp1_groups)

@@ -39,6 +39,7 @@ def architecture_traits(architecture: str) -> ArchitectureTraits:
     try:
         return ARCHITECTURES[architecture]
     except KeyError:
+        supported = ", ".join(sorted(ARCHITECTURES))
         raise ValueError(
-            f"unsupported architecture {architecture!r}; supported: {', '.join(sorted(ARCHITECTURES))}"
+            f"unsupported architecture {architecture!r}; supported: {supported}"
         ) from None

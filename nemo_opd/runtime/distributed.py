@@ -8,8 +8,9 @@ layout and seeds every generator. :func:`teardown_runtime` undoes all of it.
 
 A second model with another tensor-parallel size in the same job (a teacher at TP=1 next to a
 TP=2 student, say) gets its own :class:`~megatron.core.process_groups_config.ProcessGroupCollection`
-from :func:`model_process_groups`; megatron-core's modules take it as ``pg_collection``. Code that
-reads megatron's *global* TP rank (ModelOpt's HF importer) runs inside :func:`tensor_parallel_layout`.
+from :func:`model_process_groups`; megatron-core's modules take it as ``pg_collection``. Code
+that reads megatron's *global* TP rank (ModelOpt's HF importer) runs inside
+:func:`tensor_parallel_layout`.
 """
 
 from __future__ import annotations
@@ -62,14 +63,15 @@ class ParallelConfig:
         for field in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
             value = getattr(self, field)
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"ParallelConfig.{field} must be a positive integer, got {value!r}")
+                raise ValueError(
+                    f"ParallelConfig.{field} must be a positive integer, got {value!r}")
 
     @property
     def model_parallel_size(self) -> int:
         return self.tensor_model_parallel_size * self.pipeline_model_parallel_size
 
     def data_parallel_size(self, world_size: int) -> int:
-        """Data-parallel size in a job of ``world_size`` ranks; raises if the layout does not fit."""
+        """Data-parallel size in a job of ``world_size`` ranks; raises if the layout won't fit."""
         if world_size % self.model_parallel_size:
             raise ValueError(
                 f"world size {world_size} is not divisible by tensor_model_parallel_size "
@@ -157,7 +159,8 @@ def initialize_runtime(
     if _RUNTIME is not None:
         raise RuntimeError("nemo_opd runtime is already initialised; call teardown_runtime() first")
     parallel = parallel or ParallelConfig()
-    world_size = int(os.environ.get("WORLD_SIZE", dist.get_world_size() if dist.is_initialized() else 1))
+    world_size = (dist.get_world_size() if dist.is_initialized()
+                  else int(os.environ.get("WORLD_SIZE", "1")))
     data_parallel_size = parallel.data_parallel_size(world_size)
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     device = runtime_device()

@@ -1,0 +1,25 @@
+"""Student and teacher GPTModels: from HF checkpoint directories or tiny local configs."""
+
+from nemo_opd.models.architectures import ARCHITECTURES, ArchitectureTraits
+from nemo_opd.models.hf_import import (
+    HFModelConfig,
+    build_gpt_model,
+    check_parallel_fits,
+    load_hf_gpt,
+    read_hf_config,
+    transformer_config,
+)
+from nemo_opd.models.parallel_grads import reduce_tp_partial_grads, tp_partial_grad_params
+
+__all__ = [
+    "ARCHITECTURES",
+    "ArchitectureTraits",
+    "HFModelConfig",
+    "build_gpt_model",
+    "check_parallel_fits",
+    "load_hf_gpt",
+    "read_hf_config",
+    "reduce_tp_partial_grads",
+    "tp_partial_grad_params",
+    "transformer_config",
+]
