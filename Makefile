@@ -10,7 +10,7 @@ setup:
 	@scripts/bootstrap.sh
 
 lint: setup
-	$(VENV)/bin/ruff check nemo_opd tests bench
+	$(VENV)/bin/ruff check .
 
 test: lint
 	$(VENV)/bin/python -m pytest -q --durations=15

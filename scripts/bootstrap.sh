@@ -23,4 +23,4 @@ fi
 "$VENV/bin/python" -m pip install -q -e ".[dev]"
 "$VENV/bin/python" -m pip check
 touch "$STAMP"
-echo "[bootstrap] done: $("$VENV/bin/python" -c 'import torch, megatron.core, modelopt; print("torch", torch.__version__, "| megatron-core", megatron.core.__version__, "| modelopt", modelopt.__version__)')" >&2
+echo "[bootstrap] done: $("$VENV/bin/python" -W ignore -c 'import torch, megatron.core, modelopt; print("torch", torch.__version__, "| megatron-core", megatron.core.__version__, "| modelopt", modelopt.__version__)')" >&2
