@@ -27,3 +27,14 @@ def tiny_model_dirs(tmp_path_factory, tiny_tokenizer) -> dict[str, str]:
     root = tmp_path_factory.mktemp("tiny_models")
     return {family: str(make_tiny_hf_model(root / family, family, seed=i, tokenizer=tiny_tokenizer))
             for i, family in enumerate(TINY_FAMILIES)}
+
+
+@pytest.fixture(scope="session")
+def tiny_quant_model_dir(tmp_path_factory, tiny_tokenizer) -> str:
+    """A tiny Qwen3 wide enough for INT4 block 128 at TP=2 (every local input dim % 128 == 0)."""
+    from nemo_opd.models.tiny import TinyModelSpec, make_tiny_hf_model
+
+    spec = TinyModelSpec(hidden_size=256, intermediate_size=512)
+    root = tmp_path_factory.mktemp("tiny_quant")
+    return str(make_tiny_hf_model(root / "qwen3_256", "qwen3", spec, seed=3,
+                                  tokenizer=tiny_tokenizer))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import socket
 import time
@@ -45,7 +46,9 @@ def _rank_main(rank: int, world_size: int, port: int, fn: Callable[..., Any], kw
         import torch
 
         torch.set_num_threads(1)
-        value = fn(**kwargs)
+        # Plain pickle (by value): torch's multiprocessing reductions would share tensors through
+        # file descriptors that vanish when this process exits before the parent reads them.
+        value = pickle.dumps(fn(**kwargs))
         results.put((rank, True, value))
     except BaseException:  # noqa: BLE001 - any failure must reach the parent, not vanish
         results.put((rank, False, traceback.format_exc()))
@@ -106,7 +109,7 @@ def run_ranks(fn: Callable[..., Any], world_size: int = 2, *, timeout: float = 3
             if proc.is_alive():
                 proc.kill()
                 proc.join()
-    return [outcomes[r][1] for r in range(world_size)]
+    return [pickle.loads(outcomes[r][1]) for r in range(world_size)]
 
 
 def _failures_text(outcomes: dict[int, tuple[bool, Any]]) -> str:

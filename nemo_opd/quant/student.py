@@ -1,0 +1,97 @@
+"""The quantized student: ModelOpt fake quantizers inserted into a megatron-core GPTModel.
+
+``quantize_student(model, "int4", forward_loop)`` checks that the format fits the model (block
+sizes against every local weight shard, before any work), makes MX/NVFP4 runnable on CPU
+tensors, runs ModelOpt's ``mtq.quantize`` (PTQ calibration when ``forward_loop`` is given; at
+TP > 1 ModelOpt's Megatron plugin synchronises amax across the TP group), and fails fast when no
+weight quantizer ended up enabled. The result trains with straight-through gradients (QAT).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+from nemo_opd.quant.formats import FORMATS, check_deployable, quant_config
+
+__all__ = ["quantize_student", "check_block_sizes", "enabled_quantizers"]
+
+logger = logging.getLogger(__name__)
+
+
+def check_block_sizes(model: torch.nn.Module, fmt: str, *,
+                      quantize_output_layer: bool = False) -> None:
+    """Raise ``ValueError`` if a quantized linear's local input dim is not a multiple of the
+    format's block size.
+
+    Padding is not done: a padded block would quantize zeros the exported checkpoint does not
+    hold, and TensorRT-LLM's kernels assume whole blocks. The message names each layer, its
+    local input dimension (after TP sharding) and the block size.
+    """
+    block = FORMATS[fmt].weight_block_size if fmt in FORMATS else None
+    if not block:
+        return
+    bad = [f"{name} (local input dim {module.weight.shape[-1]})"
+           for name, module in model.named_modules()
+           if isinstance(module, (ColumnParallelLinear, RowParallelLinear))
+           and (quantize_output_layer or not name.endswith("output_layer"))
+           and module.weight.shape[-1] % block]
+    if bad:
+        raise ValueError(
+            f"format {fmt!r} quantizes weights in blocks of {block} along the input dimension, "
+            f"which does not divide: {', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}. "
+            "Use a tensor-parallel size that keeps each shard a multiple of the block, or "
+            "exclude those layers (exclude=...)."
+        )
+
+
+def enabled_quantizers(model: torch.nn.Module) -> dict[str, list[str]]:
+    """Names of enabled ``weight``/``input``/``output`` quantizers, by kind."""
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    found: dict[str, list[str]] = {"weight": [], "input": [], "output": []}
+    for name, module in model.named_modules():
+        if isinstance(module, TensorQuantizer) and module.is_enabled:
+            for kind in found:
+                if name.endswith(f"{kind}_quantizer"):
+                    found[kind].append(name)
+    return found
+
+
+def quantize_student(model: torch.nn.Module, fmt: str | dict[str, Any] | Path,
+                     forward_loop: Callable[[torch.nn.Module], None] | None = None, *,
+                     quantize_output_layer: bool = False, exclude: tuple[str, ...] = (),
+                     target_gpu: str | None = None) -> torch.nn.Module:
+    """Insert ModelOpt quantizers for ``fmt`` into ``model`` (in place) and calibrate them.
+
+    Args:
+        model: a megatron-core ``GPTModel`` (any TP size).
+        fmt: a format name (:data:`nemo_opd.quant.formats.FORMATS`) or a raw ModelOpt config.
+        forward_loop: runs calibration batches through the model (PTQ); None skips calibration
+            (dynamic formats need none; static ones then calibrate lazily on first use).
+        quantize_output_layer, exclude: module selection, see :func:`quant_config`.
+        target_gpu: ``"hopper"``/``"blackwell"``: warn if TensorRT-LLM cannot serve ``fmt`` there.
+
+    Raises:
+        ValueError: unknown format, block sizes that do not divide a layer, or a config that left
+            no weight quantizer enabled.
+    """
+    import modelopt.torch.quantization as mtq
+
+    config = quant_config(fmt, quantize_output_layer=quantize_output_layer, exclude=exclude)
+    if isinstance(fmt, str):
+        check_deployable(fmt, target_gpu)
+        check_block_sizes(model, fmt, quantize_output_layer=quantize_output_layer)
+    mtq.quantize(model, config, forward_loop)
+    quantizers = enabled_quantizers(model)
+    if not quantizers["weight"]:
+        raise ValueError(f"quantization config {fmt!r} enabled no weight quantizer in the model; "
+                         "check its quantizer_name patterns against the model's module names")
+    logger.info("quantized student with %s: %d weight, %d input quantizers", fmt,
+                len(quantizers["weight"]), len(quantizers["input"]))
+    return model
