@@ -65,8 +65,10 @@ def run_ranks(fn: Callable[..., Any], world_size: int = 2, *, timeout: float = 3
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, world_size, port, fn, kwargs, results),
-                         daemon=True) for r in range(world_size)]
+    # Not daemonic: ranks may start workers of their own (dist_checkpointing's writers); the
+    # `finally` below kills whatever is still alive.
+    procs = [ctx.Process(target=_rank_main, args=(r, world_size, port, fn, kwargs, results))
+             for r in range(world_size)]
     for proc in procs:
         proc.start()
     deadline = time.monotonic() + timeout

@@ -1,0 +1,57 @@
+"""Fixes to ModelOpt 0.47 that nemo_opd needs, in one place, each with why and its test.
+
+1. **GLU split of ``linear_fc1`` quantizer state in distributed checkpoints.**
+   ``_MegatronMLP.sharded_state_dict`` (``modelopt/torch/opt/plugins/megatron.py``) must route
+   ``linear_fc1``'s weight-quantizer ``_amax``/``_scale`` through megatron's
+   ``apply_swiglu_sharded_factory`` (fc1 holds [gate; up] per TP rank, so its shards interleave).
+   It tests its patterns (``weight_quantizer\\.(\\d+\\.)*_amax$``) with ``re.match``, which anchors
+   at the start of the *full* key (``decoder.layers.0.mlp.linear_fc1.weight_quantizer._amax``),
+   so the split never happens. A TP=2 INT8/INT4 checkpoint then restores at TP=1 *without error*
+   and with logits off by 1.4 % / 4.3 % (ARCHITECTURE.md). The fix searches the patterns
+   anywhere in the key, and leaves one-element (per-tensor, TP-replicated) tensors alone: they
+   have no gate/up halves. Test: ``tests/test_quant_checkpoint.py`` (TP=2 -> TP=1 exact).
+2. **``torch.cuda.synchronize()`` in ``_modelopt_get_extra_state``** runs unconditionally, so
+   saving a quantized model fails on a CPU-only torch. Without CUDA it becomes a no-op (there is
+   nothing to synchronise). Applied only when CUDA is absent.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+__all__ = ["apply_modelopt_fixes"]
+
+_APPLIED = False
+
+
+def _sharded_state_dict_with_glu_split(self, prefix="", sharded_offsets=(), metadata=None):
+    from megatron.core.transformer import mlp as megatron_mlp
+    from modelopt.torch.opt.plugins.megatron import _MegatronMLP
+
+    metadata = {} if metadata is None else metadata
+    metadata["singleton_local_shards"] = True
+    sharded = super(_MegatronMLP, self).sharded_state_dict(prefix, sharded_offsets, metadata)
+    if not self.config.gated_linear_unit:
+        return sharded
+    patterns = [re.compile(p) for p in self._modelopt_state_keys]
+    for key, value in sharded.items():
+        if ("linear_fc1" in key and any(p.search(key) for p in patterns)
+                and value.local_shape and value.local_shape[0] > 1):
+            sharded[key] = megatron_mlp.apply_swiglu_sharded_factory(
+                value, sharded_offsets, metadata["singleton_local_shards"])
+    return sharded
+
+
+def apply_modelopt_fixes() -> None:
+    """Apply the fixes above (idempotent)."""
+    global _APPLIED
+    if _APPLIED:
+        return
+    from modelopt.torch.opt.plugins.megatron import _MegatronMLP
+
+    _MegatronMLP.sharded_state_dict = _sharded_state_dict_with_glu_split
+    if not torch.cuda.is_available():
+        torch.cuda.synchronize = lambda device=None: None
+    _APPLIED = True
