@@ -8,7 +8,7 @@ import torch
 from multirank import run_ranks
 
 SEQ = 16
-FORMATS = ["int4", "fp8"]
+FORMATS = ["int4", "fp8", "nvfp4"]
 
 
 def _inputs() -> tuple[torch.Tensor, torch.Tensor]:

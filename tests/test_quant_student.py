@@ -115,7 +115,7 @@ def _calibrate_and_step(model_dir: str, tp: int, formats: list[str]) -> dict:
 
 @pytest.mark.multirank
 def test_ptq_at_tp2_equals_tp1_and_qat_gradients_flow(tiny_quant_model_dir):
-    formats = ["int4", "fp8"]
+    formats = ["int4", "fp8", "mxfp4", "nvfp4"]
     (tp1,) = run_ranks(_calibrate_and_step, world_size=1, model_dir=tiny_quant_model_dir, tp=1,
                        formats=formats)
     tp2 = run_ranks(_calibrate_and_step, world_size=2, model_dir=tiny_quant_model_dir, tp=2,
@@ -124,9 +124,9 @@ def test_ptq_at_tp2_equals_tp1_and_qat_gradients_flow(tiny_quant_model_dir):
         reference = tp1[fmt]["logits"]
         for rank in tp2:
             error = ((rank[fmt]["logits"] - reference).abs().max() / reference.abs().max()).item()
-            # weight-only INT4: same codes, only summation order differs; FP8 activations can flip
-            # a few rounding decisions (ARCHITECTURE.md), so compare those loosely.
-            assert error < (1e-5 if fmt == "int4" else 2e-2), (fmt, error)
+            # weight-only: same codes, only summation order differs; quantized activations can
+            # flip a few rounding decisions (ARCHITECTURE.md), so compare those loosely.
+            assert error < (2e-2 if FORMATS[fmt].quantize_inputs else 1e-5), (fmt, error)
             assert rank[fmt]["fc1_grad_finite_nonzero"], fmt
             assert not rank[fmt]["output_layer_quantized"], fmt
             assert rank[fmt]["n_weight_quantizers"] == 2 * 4  # 2 layers x qkv, proj, fc1, fc2

@@ -40,6 +40,8 @@ def load_model_checkpoint(model: torch.nn.Module, directory: str | Path) -> torc
         restore_sharded_modelopt_state,
     )
 
+    import nemo_opd.quant.cpu_backend  # noqa: F401  registers the backend MX/NVFP4 state names
+
     apply_modelopt_fixes()
     directory = Path(directory)
     if not (directory / "metadata.json").is_file():

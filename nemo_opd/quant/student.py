@@ -2,9 +2,10 @@
 
 ``quantize_student(model, "int4", forward_loop)`` checks that the format fits the model (block
 sizes against every local weight shard, before any work), makes MX/NVFP4 runnable on CPU
-tensors, runs ModelOpt's ``mtq.quantize`` (PTQ calibration when ``forward_loop`` is given; at
-TP > 1 ModelOpt's Megatron plugin synchronises amax across the TP group), and fails fast when no
-weight quantizer ended up enabled. The result trains with straight-through gradients (QAT).
+tensors (:mod:`nemo_opd.quant.cpu_backend`), runs ModelOpt's ``mtq.quantize`` (PTQ calibration
+when ``forward_loop`` is given; at TP > 1 ModelOpt's Megatron plugin synchronises amax across the
+TP group), and fails fast when no weight quantizer ended up enabled. The result trains with
+straight-through gradients (QAT).
 """
 
 from __future__ import annotations
@@ -83,7 +84,12 @@ def quantize_student(model: torch.nn.Module, fmt: str | dict[str, Any] | Path,
     """
     import modelopt.torch.quantization as mtq
 
+    from nemo_opd.quant.cpu_backend import enable_cpu_quant_backend
+
     config = quant_config(fmt, quantize_output_layer=quantize_output_layer, exclude=exclude)
+    # MX/NVFP4 quantizers go through our backend, which runs ModelOpt's own kernels on CUDA
+    # tensors and our CPU implementation otherwise: one config, portable checkpoints.
+    config = enable_cpu_quant_backend(config)
     if isinstance(fmt, str):
         check_deployable(fmt, target_gpu)
         check_block_sizes(model, fmt, quantize_output_layer=quantize_output_layer)

@@ -1,0 +1,49 @@
+"""Quantization: ModelOpt formats, and the CPU fake-quant path for MX and NVFP4.
+
+:mod:`nemo_opd.quant.cpu_backend` registers the ``"nemo_opd_cpu"`` ModelOpt quant backend when it
+is imported (any of the names below from it imports it); :func:`enable_cpu_quant_backend` routes
+a ModelOpt config's MXFP4 / MXFP8 / NVFP4 quantizers through it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from nemo_opd.quant.cpu_backend import (
+        BACKEND_NAME,
+        cpu_fake_quant,
+        dynamic_block_format,
+        enable_cpu_quant_backend,
+        register_cpu_quant_backend,
+    )
+    from nemo_opd.quant.mx_numerics import mx_fake_quant, nvfp4_fake_quant
+
+# Resolved on first use: cpu_backend imports ModelOpt (seconds), which light modules of this
+# package (e.g. formats) must not pay for.
+_EXPORTS = {
+    "BACKEND_NAME": "cpu_backend",
+    "cpu_fake_quant": "cpu_backend",
+    "dynamic_block_format": "cpu_backend",
+    "enable_cpu_quant_backend": "cpu_backend",
+    "register_cpu_quant_backend": "cpu_backend",
+    "mx_fake_quant": "mx_numerics",
+    "nvfp4_fake_quant": "mx_numerics",
+}
+
+__all__ = [
+    "BACKEND_NAME",
+    "cpu_fake_quant",
+    "dynamic_block_format",
+    "enable_cpu_quant_backend",
+    "mx_fake_quant",
+    "nvfp4_fake_quant",
+    "register_cpu_quant_backend",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
