@@ -10,16 +10,14 @@
    and with logits off by 1.4 % / 4.3 % (ARCHITECTURE.md). The fix searches the patterns
    anywhere in the key, and leaves one-element (per-tensor, TP-replicated) tensors alone: they
    have no gate/up halves. Test: ``tests/test_quant_checkpoint.py`` (TP=2 -> TP=1 exact).
-2. **``torch.cuda.synchronize()`` in ``_modelopt_get_extra_state``** runs unconditionally, so
-   saving a quantized model fails on a CPU-only torch. Without CUDA it becomes a no-op (there is
-   nothing to synchronise). Applied only when CUDA is absent.
+
+(ModelOpt's CPU gap, an unconditional ``torch.cuda.synchronize()`` when saving, is handled with
+the other CPU accommodations in :mod:`nemo_opd.runtime.cpu_backend`.)
 """
 
 from __future__ import annotations
 
 import re
-
-import torch
 
 __all__ = ["apply_modelopt_fixes"]
 
@@ -45,13 +43,11 @@ def _sharded_state_dict_with_glu_split(self, prefix="", sharded_offsets=(), meta
 
 
 def apply_modelopt_fixes() -> None:
-    """Apply the fixes above (idempotent)."""
+    """Apply the fix above (idempotent)."""
     global _APPLIED
     if _APPLIED:
         return
     from modelopt.torch.opt.plugins.megatron import _MegatronMLP
 
     _MegatronMLP.sharded_state_dict = _sharded_state_dict_with_glu_split
-    if not torch.cuda.is_available():
-        torch.cuda.synchronize = lambda device=None: None
     _APPLIED = True

@@ -1,5 +1,5 @@
-"""The CPU backend for megatron-core: every accommodation megatron-core 0.16 needs to run without
-CUDA, in one place.
+"""The CPU backend for megatron-core (and ModelOpt's Megatron plugin): every accommodation they
+need to run without CUDA, in one place.
 
 megatron-core is written for GPUs; a handful of call sites assume CUDA even when
 ``use_cpu_initialization=True`` and all fusions are off. Each accommodation below says which call
@@ -21,6 +21,10 @@ On a GPU machine nothing here runs.
    ``get_sliding_window_causal_mask`` build masks with ``device="cuda"``; the softmax in
    ``fusions.fused_softmax`` calls them when no mask is passed. The copies bound in
    ``fused_softmax`` are replaced by device-neutral versions (same values, CPU tensors).
+4. **``torch.cuda.synchronize()``** is called unconditionally by ModelOpt 0.47's
+   ``_modelopt_get_extra_state`` (every quantized module's checkpoint state), so saving a
+   quantized model fails on a CPU-only torch. Without CUDA there is nothing to synchronise: it
+   becomes a no-op.
 """
 
 from __future__ import annotations
@@ -83,6 +87,10 @@ def _cpu_current_device() -> torch.device:
     return torch.device("cpu")
 
 
+def _no_synchronize(device: object = None) -> None:
+    return None
+
+
 def _causal_mask(sq: int) -> torch.Tensor:
     return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
 
@@ -100,12 +108,13 @@ def install_cpu_rng_tracker() -> None:
 
 
 def apply_cpu_accommodations() -> None:
-    """Apply the three accommodations above (no-op when CUDA is available or already applied)."""
+    """Apply the accommodations above (no-op when CUDA is available or already applied)."""
     global _APPLIED
     if _APPLIED or torch.cuda.is_available():
         return
     install_cpu_rng_tracker()
     torch.cuda.current_device = _cpu_current_device
+    torch.cuda.synchronize = _no_synchronize
     fused_softmax.get_default_causal_mask = _causal_mask
     fused_softmax.get_sliding_window_causal_mask = _sliding_window_causal_mask
     _APPLIED = True
