@@ -1,0 +1,369 @@
+"""An ``lm_eval`` language model backed by a megatron-core ``GPTModel`` and an HF tokenizer.
+
+:class:`MegatronLM` lets lm-eval score the teacher, the fake-quant student or a PTQ baseline
+exactly as it scores a Hugging Face model: it subclasses lm-eval's ``TemplateLM``, so context /
+continuation tokenisation is lm-eval's own (the same code path as its ``HFLM``), and implements
+the three request types:
+
+* ``loglikelihood`` — ``Σ_t log p(cont_t | ctx, cont_<t)`` over the continuation tokens, and
+  whether greedy decoding reproduces the continuation;
+* ``loglikelihood_rolling`` — the same over lm-eval's disjoint rolling windows of a document;
+* ``generate_until`` — greedy decoding until a stop string, EOS or the token budget.
+
+Tensor parallelism: every rank of the model's TP group must make the same calls with the same
+requests (lm-eval sees a world of one on each rank; data-parallel ranks duplicate the work). The
+logits of a forward are this rank's vocabulary shard ``[b, s, V/tp]``; log-probabilities come from
+:func:`nemo_opd.loss.vocab_parallel_logprobs` and greedy tokens from a TP-global argmax, so every
+rank computes identical results; only global rank 0 shows progress bars.
+
+Greedy decoding re-runs the full forward per generated token (no KV cache): fine for tiny models
+and short answers; the rollout engine's KV-cache decoder is the fast path for long generations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from lm_eval.api.model import TemplateLM
+from lm_eval.models.utils import (
+    Collator,
+    handle_stop_sequences,
+    normalize_gen_kwargs,
+    postprocess_generated_text,
+)
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from tqdm import tqdm
+
+from nemo_opd.loss import vocab_parallel_logprobs
+
+__all__ = ["LMConfig", "MegatronLM", "TokenizerRoundTripError", "describe_numerics"]
+
+logger = logging.getLogger(__name__)
+
+# (request string or None, context token ids, continuation token ids), as TemplateLM builds them.
+TokenRequest = tuple[tuple[str, str] | None, list[int], list[int]]
+
+
+class TokenizerRoundTripError(ValueError):
+    """The tokenizer cannot encode and decode a task's text back to itself."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LMConfig:
+    """How :class:`MegatronLM` batches, truncates and decodes."""
+
+    batch_size: int = 8
+    """Requests per forward pass (sequences are right-padded to the longest in the batch)."""
+
+    max_length: int | None = None
+    """Longest token sequence fed to the model; None: the model's ``max_sequence_length``.
+    Longer inputs are truncated from the left, as lm-eval's HF model does."""
+
+    max_gen_toks: int = 256
+    """Default generation budget when a task's ``generation_kwargs`` name none."""
+
+    add_bos_token: bool | None = None
+    """Passed to the tokenizer as ``add_special_tokens``; None keeps the tokenizer's default
+    (lm-eval's ``HFLM`` convention)."""
+
+    check_round_trip: bool = True
+    """Refuse task text the tokenizer cannot decode back to itself (unknown characters would
+    otherwise be scored as ``<unk>`` silently). Whitespace-only differences only warn."""
+
+    numerics: str | None = None
+    """Label for the results table (e.g. ``"megatron fake-quant int4 fp32"``); None: derived
+    from the model (:func:`describe_numerics`)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"LMConfig.batch_size must be a positive integer, "
+                             f"got {self.batch_size!r}")
+        if self.max_length is not None and (not isinstance(self.max_length, int)
+                                            or self.max_length < 2):
+            raise ValueError(f"LMConfig.max_length must be None or an integer >= 2, "
+                             f"got {self.max_length!r}")
+        if not isinstance(self.max_gen_toks, int) or self.max_gen_toks < 1:
+            raise ValueError(f"LMConfig.max_gen_toks must be a positive integer, "
+                             f"got {self.max_gen_toks!r}")
+
+
+def describe_numerics(model: torch.nn.Module) -> str:
+    """``"megatron fake-quant fp32"`` when ModelOpt quantizers are enabled, else
+    ``"megatron fp32"`` (dtype of the first parameter)."""
+    dtype = next(model.parameters()).dtype
+    short = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
+        dtype, str(dtype).removeprefix("torch."))
+    quantized = any(type(m).__name__ == "TensorQuantizer" and getattr(m, "is_enabled", False)
+                    for m in model.modules())
+    return f"megatron {'fake-quant ' if quantized else ''}{short}"
+
+
+class MegatronLM(TemplateLM):
+    """lm-eval ``LM`` over a megatron-core ``GPTModel`` (any TP size) and an HF tokenizer.
+
+    Args:
+        model: a ``GPTModel`` built with ``parallel_output=True`` (vocab-sharded logits); it is
+            switched to eval mode.
+        tokenizer: a ``transformers`` tokenizer whose ids match the model's vocabulary.
+        config: batching / truncation / decoding settings.
+        tp_group: the group sharding the model's vocabulary; default the model's own
+            ``pg_collection.tp``.
+    """
+
+    backend = "causal"
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, config: LMConfig | None = None,
+                 *, tp_group: dist.ProcessGroup | None = None) -> None:
+        super().__init__()
+        self.config = config or LMConfig()
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no eos_token_id; lm-eval needs an end-of-text "
+                             "token to stop generation and to prefix empty contexts")
+        group = tp_group if tp_group is not None else model.pg_collection.tp
+        self._tp_group = group if dist.get_world_size(group) > 1 else None
+        self._tp_rank = dist.get_rank(group) if self._tp_group is not None else 0
+        self._show_progress = not dist.is_initialized() or dist.get_rank() == 0
+        self._device = next(model.parameters()).device
+        self.numerics = self.config.numerics or describe_numerics(model)
+        self._max_length = self.config.max_length or int(model.max_sequence_length)
+        self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
+            else tokenizer.eos_token_id
+        self._checked_texts: set[str] = set()
+        self._warned_whitespace = False
+
+    # ------------------------------------------------------------------ lm-eval plumbing
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        # HFLM's choice: BOS when the tokenizer has one, else EOS.
+        bos = self.tokenizer.bos_token_id
+        return bos if bos is not None else self.tokenizer.eos_token_id
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def tokenizer_name(self) -> str:
+        return str(getattr(self.tokenizer, "name_or_path", "tokenizer")).replace("/", "__")
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None,
+                   **kwargs: Any) -> list[int]:
+        """Token ids of ``string``; ``add_special_tokens`` None: ``config.add_bos_token``, then
+        the tokenizer's default, and never a second BOS before text that starts with one."""
+        flag = add_special_tokens if add_special_tokens is not None else self.config.add_bos_token
+        special = {} if flag is None else {"add_special_tokens": flag}
+        bos = self.tokenizer.bos_token
+        if add_special_tokens is None and bos and string.startswith(bos):
+            special = {"add_special_tokens": False}
+        return self.tokenizer.encode(string, **special)
+
+    def tok_decode(self, tokens: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
+
+    # ------------------------------------------------------------------ input checks
+
+    def check_round_trip(self, texts: Iterable[str]) -> None:
+        """Raise :class:`TokenizerRoundTripError` for the first text the tokenizer cannot
+        decode back to itself (ignoring whitespace-only differences, which are warned once)."""
+        if not self.config.check_round_trip:
+            return
+        for text in texts:
+            if text in self._checked_texts:
+                continue
+            decoded = self.tokenizer.decode(self.tokenizer.encode(text, add_special_tokens=False),
+                                            clean_up_tokenization_spaces=False)
+            if decoded != text:
+                if decoded.split() != text.split():
+                    pairs = enumerate(zip(text, decoded, strict=False))
+                    at = next((i for i, (a, b) in pairs if a != b), min(len(text), len(decoded)))
+                    raise TokenizerRoundTripError(
+                        f"tokenizer {self.tokenizer_name!r} cannot round-trip the task text "
+                        f"{_snippet(text, at)}: it decodes to {_snippet(decoded, at)} (first "
+                        f"difference at character {at}). Scores would be computed on different "
+                        "text; use the model's own tokenizer or one that covers these characters "
+                        "(LMConfig.check_round_trip=False skips this check).")
+                if not self._warned_whitespace:
+                    logger.warning("tokenizer %s normalises whitespace (e.g. %r -> %r); scores "
+                                   "use its normalised text", self.tokenizer_name, text[:60],
+                                   decoded[:60])
+                    self._warned_whitespace = True
+            self._checked_texts.add(text)
+
+    def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        self.check_round_trip(context + continuation for context, continuation in
+                              (req.args for req in requests))
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+
+    # ------------------------------------------------------------------ model math
+
+    @torch.no_grad()
+    def _logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """``[b, s]`` token ids → this rank's vocab shard of the logits ``[b, s, V/tp]``.
+
+        Right padding needs no attention mask: with a causal mask a position never sees the pad
+        tokens after it.
+        """
+        ids = ids.to(self._device)
+        positions = torch.arange(ids.shape[1], device=self._device).expand_as(ids)
+        return self.model(ids, positions, attention_mask=None)
+
+    def _greedy_tokens(self, logits: torch.Tensor) -> torch.Tensor:
+        """Global-vocabulary ``argmax`` of vocab-sharded ``logits [..., V/tp]`` → ``[...]``,
+        identical on every TP rank; ties go to the lowest id, as ``torch.argmax`` does."""
+        values, index = logits.float().max(dim=-1)
+        if self._tp_group is None:
+            return index
+        index = index + self._tp_rank * logits.shape[-1]
+        size = dist.get_world_size(self._tp_group)
+        all_values = [torch.empty_like(values) for _ in range(size)]
+        all_index = [torch.empty_like(index) for _ in range(size)]
+        dist.all_gather(all_values, values.contiguous(), group=self._tp_group)
+        dist.all_gather(all_index, index.contiguous(), group=self._tp_group)
+        best = torch.stack(all_values).argmax(dim=0, keepdim=True)  # first maximal shard
+        return torch.stack(all_index).gather(0, best).squeeze(0)
+
+    def _loglikelihood_tokens(self, requests: list[TokenRequest], disable_tqdm: bool = False,
+                              **kwargs: Any) -> list[tuple[float, bool]]:
+        """``(Σ log p(continuation | context), greedy reproduces it)`` per request.
+
+        Each sequence is ``(context + continuation)[-(max_length + 1):]``; the model reads all
+        but its last token and the continuation's log-probabilities are read from the last
+        ``len(continuation)`` positions (float32 log-softmax over the full padded vocabulary,
+        summed in float64).
+        """
+        for _, context, continuation in requests:
+            if not context or not continuation:
+                raise ValueError("every loglikelihood request needs a non-empty context and "
+                                 f"continuation (got {len(context)} and {len(continuation)} "
+                                 "tokens)")
+        collator = Collator(requests, sort_fn=lambda r: (-len(r[1] + r[2]), tuple(r[1] + r[2])))
+        results: list[tuple[float, bool]] = []
+        progress = tqdm(total=len(requests), desc="loglikelihood",
+                        disable=disable_tqdm or not self._show_progress)
+        for batch in collator.get_batched(n=self.config.batch_size):
+            windows = [(ctx + cont)[-(self._max_length + 1):] for _, ctx, cont in batch]
+            width = max(len(w) for w in windows) - 1
+            inputs = torch.full((len(batch), width), self._pad_id, dtype=torch.long)
+            targets = torch.zeros_like(inputs)
+            scored = torch.zeros_like(inputs, dtype=torch.bool)
+            for row, (window, (_, _, cont)) in enumerate(zip(windows, batch, strict=True)):
+                n = len(window) - 1
+                inputs[row, :n] = torch.tensor(window[:-1])
+                targets[row, :n] = torch.tensor(window[1:])
+                scored[row, n - min(len(cont), n):n] = True
+            logits = self._logits(inputs)
+            targets, scored = targets.to(logits.device), scored.to(logits.device)
+            logp = vocab_parallel_logprobs(logits, targets, mask=scored, tp_group=self._tp_group)
+            greedy_ok = (self._greedy_tokens(logits) == targets) | ~scored
+            for row, (request, _, _) in enumerate(batch):
+                answer = (float(logp[row][scored[row]].double().sum()),
+                          bool(greedy_ok[row].all()))
+                results.append(answer)
+                if request is not None:
+                    self.cache_hook.add_partial("loglikelihood", request, answer)
+                progress.update(1)
+        progress.close()
+        return collator.get_original(results)
+
+    def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list[float]:
+        """Log-likelihood of whole documents over lm-eval's disjoint rolling windows of
+        ``max_length`` tokens (each token predicted once; the first from ``prefix_token_id``)."""
+        strings = [req.args[0] for req in requests]
+        self.check_round_trip(strings)
+        windows: list[TokenRequest] = []
+        owner: list[int] = []
+        for i, string in enumerate(strings):
+            for context, continuation in map(make_disjoint_window, get_rolling_token_windows(
+                    token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
+                    max_seq_len=self._max_length, context_len=1)):
+                windows.append((None, context, continuation))
+                owner.append(i)
+        totals = [0.0] * len(strings)
+        for i, (logp, _) in zip(owner, self._loglikelihood_tokens(windows, disable_tqdm),
+                                   strict=True):
+            totals[i] += logp
+        for string, total in zip(strings, totals, strict=True):
+            self.cache_hook.add_partial("loglikelihood_rolling", (string,), total)
+        return totals
+
+    # ------------------------------------------------------------------ generation
+
+    def _greedy_decode(self, contexts: list[list[int]], max_new_tokens: int,
+                       stop: list[str]) -> list[list[int]]:
+        """Greedy continuations of token ``contexts``: a row stops at EOS, once its decoded text
+        contains a stop string, after ``max_new_tokens`` tokens or at ``max_length``."""
+        longest = max(len(c) for c in contexts)
+        budget = min(max_new_tokens, self._max_length - longest)
+        buffer = torch.full((len(contexts), longest + budget), self._pad_id, dtype=torch.long)
+        for row, ctx in enumerate(contexts):
+            buffer[row, :len(ctx)] = torch.tensor(ctx)
+        lengths = torch.tensor([len(c) for c in contexts])
+        generated: list[list[int]] = [[] for _ in contexts]
+        active = list(range(len(contexts)))
+        for _ in range(budget):
+            if not active:
+                break
+            rows = torch.tensor(active)
+            logits = self._logits(buffer[rows, :int(lengths[rows].max())])
+            last = logits[torch.arange(len(active)), (lengths[rows] - 1).to(logits.device)]
+            next_tokens = self._greedy_tokens(last).cpu()
+            still = []
+            for row, token in zip(active, next_tokens.tolist(), strict=True):
+                buffer[row, lengths[row]] = token
+                lengths[row] += 1
+                generated[row].append(token)
+                text = self.tok_decode(generated[row])
+                if token != self.eot_token_id and not any(s and s in text for s in stop):
+                    still.append(row)
+            active = still
+        return generated
+
+    def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
+        """Greedy generations for ``(context, gen_kwargs)`` requests, cut at the first stop
+        string (``until`` plus the EOS text). Sampling (``do_sample=True``) is refused."""
+        args = [req.args for req in requests]
+        self.check_round_trip(context for context, _ in args)
+        for context, gen_kwargs in args:
+            if normalize_gen_kwargs(gen_kwargs, self.config.max_gen_toks).get("do_sample"):
+                raise ValueError(f"MegatronLM decodes greedily only; a request asks for sampling "
+                                 f"with {gen_kwargs} (context {context[:60]!r})")
+        collator = Collator(args, sort_fn=lambda a: (-len(self.tok_encode(a[0])), a[0]),
+                            group_by="gen_kwargs", group_fn=lambda a: a[1])
+        eos_text = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
+        results: list[str] = []
+        progress = tqdm(total=len(args), desc="generate_until",
+                        disable=disable_tqdm or not self._show_progress)
+        for batch in collator.get_batched(n=self.config.batch_size):
+            contexts, all_kwargs = zip(*batch, strict=True)
+            kwargs = normalize_gen_kwargs(all_kwargs[0], self.config.max_gen_toks)
+            stop = handle_stop_sequences(kwargs.pop("until", None), eos=eos_text)
+            max_new = int(kwargs.pop("max_gen_toks"))
+            if max_new >= self._max_length:
+                raise ValueError(f"max_gen_toks = {max_new} leaves no room for the context in "
+                                 f"max_length = {self._max_length}")
+            encoded = [self.tok_encode(c)[-(self._max_length - max_new):] for c in contexts]
+            for context, gen_kwargs, tokens in zip(
+                    contexts, all_kwargs, self._greedy_decode(encoded, max_new, stop), strict=True):
+                text = postprocess_generated_text(self.tok_decode(tokens), stop, None)
+                results.append(text)
+                self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
+                progress.update(1)
+        progress.close()
+        return collator.get_original(results)
+
+
+def _snippet(text: str, at: int, width: int = 30) -> str:
+    start = max(0, at - width)
+    return repr(("..." if start else "") + text[start:at + width])
