@@ -139,8 +139,8 @@ class RolloutBatch:
     pad_id: int
     """The id right-padding fills with."""
     generation_seconds: float
-    """Wall time of the call that produced the batch (forced prefixes by another engine
-    excluded), for rollout tokens/s."""
+    """Wall time of the call that produced the batch (in teacher-seeded rollouts: the teacher's
+    prefix generation included)."""
 
     def __post_init__(self) -> None:
         rows, length = self.tokens.shape
@@ -168,7 +168,8 @@ class RolloutBatch:
 
     @property
     def tokens_per_second(self) -> float:
-        """Engine-written tokens per second of :attr:`generation_seconds`."""
+        """Engine-written tokens (forced prefixes excluded) per second of
+        :attr:`generation_seconds`."""
         return self.num_generated_tokens / max(self.generation_seconds, 1e-9)
 
     def valid_mask(self) -> torch.Tensor:

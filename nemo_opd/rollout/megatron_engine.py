@@ -1,0 +1,289 @@
+"""The colocated rollout engine: the training student generates its own rollouts.
+
+:class:`MegatronEngine` runs megatron-core's ``GPTModel`` — the very module the trainer
+optimises, with its current (fake-quant) weights, so there is no weight sync — in eval mode under
+``no_grad``, batched, with megatron-core's static KV cache
+(:class:`~megatron.core.inference.contexts.StaticInferenceContext` passed as
+``GPTModel.forward(inference_context=...)``). It runs on CPU (gloo) and GPU, at any TP size.
+
+Why not megatron's whole static engine (``StaticInferenceEngine`` + ``TextGenerationController``):
+its generation loop creates ``torch.cuda.Event``\\ s and calls ``.cuda()`` unconditionally, records
+only raw (temperature-1) log-probs, and has no forced prefixes or ``min_new_tokens``. The loop
+here is the same algorithm in ~100 lines on the same KV cache, and needs no CPU accommodation
+beyond those in :mod:`nemo_opd.runtime.cpu_backend` (the cache is allocated on
+``torch.cuda.current_device()``).
+
+Unequal lengths (per-row handling, as megatron's static controller does it). Rows are not
+padded on the left: the prefill runs all rows up to the shortest context (prompt + forced
+prefix); after that every step feeds one token per row — the row's own context token while it
+still has context left, else the token just sampled. Every row thus sees exactly its own
+positions (no attention mask, no shifted RoPE), so its log-probs equal a teacher-forced forward of
+that row alone. Finished rows are moved to the back of the cache
+(``StaticInferenceContext.swap_key_value_dict``) and no longer computed.
+
+Tensor parallelism. Logits are gathered over the model's TP group (``runtime_gather_output``), so
+every TP rank holds the same full-vocabulary logits and samples with the same seeded generator:
+tokens are identical across TP ranks. Every TP rank must call :meth:`MegatronEngine.generate`
+with the same prompts and parameters; the engine checks that (one all-gather of a fingerprint)
+and, when ``seed`` is None, takes the first rank's random seed.
+
+Length policy. Prompts are never truncated: a prompt (+ forced prefix) that leaves no room for
+one new token within ``max_sequence_length`` (default: the model's maximum positions) raises
+``ValueError``; rows that reach ``max_sequence_length`` while generating end there
+(``stopped`` False), like rows that reach ``max_new_tokens``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+
+import torch
+import torch.distributed as dist
+from megatron.core.inference.contexts.static_context import StaticInferenceContext
+
+from nemo_opd.rollout.engine import RolloutBatch, SamplingParams
+from nemo_opd.rollout.sampling import sample_tokens
+
+__all__ = ["MegatronEngine"]
+
+logger = logging.getLogger(__name__)
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The ``GPTModel`` inside DDP / Float16Module style wrappers (``.module`` chains)."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model
+
+
+class MegatronEngine:
+    """Generate rollouts with a megatron-core ``GPTModel`` in place (see the module docstring).
+
+    Args:
+        model: the ``GPTModel`` (or a DDP-style wrapper of one); its output layer must be the
+            last pipeline stage (pipeline parallelism is not supported).
+        pad_id: id filling the right padding of :attr:`RolloutBatch.tokens`.
+        eos_id: id that ends a row (added to every call's ``stop_token_ids``); None: only the
+            call's stop ids end rows.
+        tp_group: the model's tensor-parallel group; None: the model's own
+            (``model.pg_collection.tp``).
+        max_sequence_length: most positions a row may use (prompt + prefix + new tokens);
+            None: the model's ``max_sequence_length``.
+        use_kv_cache: False recomputes the whole sequence every step (a reference for tests and
+            debugging; same tokens, quadratically slower).
+    """
+
+    def __init__(self, model: torch.nn.Module, *, pad_id: int, eos_id: int | None,
+                 tp_group: dist.ProcessGroup | None = None,
+                 max_sequence_length: int | None = None, use_kv_cache: bool = True) -> None:
+        self.model = model
+        gpt = _unwrap(model)
+        for attr in ("vocab_size", "max_sequence_length", "pg_collection"):
+            if not hasattr(gpt, attr):
+                raise TypeError(f"MegatronEngine needs a megatron-core GPTModel; "
+                                f"{type(gpt).__name__} has no {attr!r}")
+        if not getattr(gpt, "post_process", True) or not getattr(gpt, "pre_process", True):
+            raise ValueError("MegatronEngine does not support pipeline parallelism: the model "
+                             "must hold both the embedding and the output layer")
+        self.vocab_size: int = gpt.vocab_size
+        for name, value in (("pad_id", pad_id), ("eos_id", eos_id)):
+            if value is not None and not (isinstance(value, int) and 0 <= value < self.vocab_size):
+                raise ValueError(f"{name} must be an id in [0, {self.vocab_size}), got {value!r}")
+        limit = gpt.max_sequence_length if max_sequence_length is None else max_sequence_length
+        if not isinstance(limit, int) or limit < 2:
+            raise ValueError(f"max_sequence_length must be an int >= 2, got {limit!r}")
+        self.pad_id = pad_id
+        self.eos_id = eos_id
+        self.max_sequence_length = limit
+        self.use_kv_cache = use_kv_cache
+        self.tp_group = tp_group if tp_group is not None else gpt.pg_collection.tp
+
+    def update_weights(self, model: torch.nn.Module) -> None:
+        """Colocated: generation reads the module's live weights, so nothing is copied. A
+        different module (e.g. after the trainer re-wrapped it) replaces the engine's."""
+        if _unwrap(model) is not _unwrap(self.model):
+            if _unwrap(model).vocab_size != self.vocab_size:
+                raise ValueError(f"update_weights: vocab size {_unwrap(model).vocab_size} differs "
+                                 f"from the engine's {self.vocab_size}")
+            self.model = model
+
+    # ------------------------------------------------------------------ checks
+
+    def _check_inputs(self, prompts: list[list[int]],
+                      forced_prefixes: list[list[int]] | None) -> list[list[int]]:
+        """Raise ``ValueError`` for unusable inputs; return the prefixes (empty lists if None)."""
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise ValueError("generate needs a non-empty list of prompts (lists of token ids)")
+        if forced_prefixes is None:
+            forced_prefixes = [[] for _ in prompts]
+        elif len(forced_prefixes) != len(prompts):
+            raise ValueError(f"forced_prefixes has {len(forced_prefixes)} entries for "
+                             f"{len(prompts)} prompts")
+        for kind, seqs in (("prompt", prompts), ("forced prefix", forced_prefixes)):
+            for i, seq in enumerate(seqs):
+                if kind == "prompt" and len(seq) == 0:
+                    raise ValueError(f"prompt {i} is empty: a prompt needs at least one token "
+                                     "(e.g. BOS)")
+                bad = [t for t in seq if not isinstance(t, int) or not 0 <= t < self.vocab_size]
+                if bad:
+                    raise ValueError(f"{kind} {i} holds ids outside the vocabulary "
+                                     f"[0, {self.vocab_size}): {bad[:5]}")
+        for i, (prompt, prefix) in enumerate(zip(prompts, forced_prefixes, strict=True)):
+            if len(prompt) + len(prefix) >= self.max_sequence_length:
+                raise ValueError(
+                    f"prompt {i} has {len(prompt)} tokens (+ {len(prefix)} forced prefix tokens) "
+                    f"but the model allows {self.max_sequence_length} positions and one new token "
+                    "must fit; policy: prompts are never truncated — shorten the prompt or filter "
+                    "it out (data max_prompt_length)")
+        return [list(p) for p in forced_prefixes]
+
+    def _agree_across_tp(self, prompts: list[list[int]], prefixes: list[list[int]],
+                         params: SamplingParams, device: torch.device) -> int:
+        """The sampling seed, after checking every TP rank asked for the same rollouts.
+
+        Ranks that sampled from different prompts would silently diverge; a fingerprint of the
+        inputs is all-gathered and compared. With ``params.seed`` None every rank draws a seed
+        from its global generator and all use the first rank's.
+        """
+        own_seed = (params.seed if params.seed is not None
+                    else int(torch.randint(0, 2**62, (), dtype=torch.int64)))
+        if self.tp_group is None or dist.get_world_size(self.tp_group) == 1:
+            return own_seed
+        digest = hashlib.sha256(repr((prompts, prefixes, params)).encode()).digest()
+        mine = torch.tensor([int.from_bytes(digest[:7], "little"), own_seed], dtype=torch.int64,
+                            device=device)
+        gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(self.tp_group))]
+        dist.all_gather(gathered, mine, group=self.tp_group)
+        if any(int(g[0]) != int(mine[0]) for g in gathered):
+            raise ValueError("MegatronEngine.generate was called with different prompts, "
+                             "prefixes or sampling params on the ranks of one TP group; every TP "
+                             "rank must ask for the same rollouts")
+        return int(gathered[0][1])
+
+    # ------------------------------------------------------------------ generation
+
+    def _next_logits(self, cache: StaticInferenceContext | None, tokens: torch.Tensor,
+                     slots_rows: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """``[k, V]`` float32 logits of position ``end`` for rows ``slots_rows`` (cache order),
+        feeding positions ``[start, end)`` (with a cache) or ``[0, end)`` (without)."""
+        if cache is None:
+            start = 0
+        ids = tokens[slots_rows, start:end]
+        positions = torch.arange(start, end, device=ids.device).expand_as(ids)
+        logits = self.model(ids, positions, None, inference_context=cache,
+                            runtime_gather_output=True)
+        if cache is not None:
+            cache.increment_sequence_len_offset(end - start)
+            cache.enable_decode_mode()
+        return logits[:, -1].float()
+
+    @torch.no_grad()
+    def _generate_rows(self, contexts: list[list[int]], prefix_stopped: torch.Tensor,
+                       params: SamplingParams, stop_ids: list[int], seed: int,
+                       device: torch.device
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, str]:
+        """Tokens ``[R, T]``, log-probs ``[R, T]``, lengths ``[R]``, stopped ``[R]`` and the
+        log-prob kind for rows continuing ``contexts``; rows flagged in ``prefix_stopped``
+        (a forced prefix that ends with a stop id) are complete already."""
+        rows = len(contexts)
+        context_lengths = torch.tensor([len(c) for c in contexts], device=device)
+        budget = (self.max_sequence_length - context_lengths).clamp(max=params.max_new_tokens)
+        total = int((context_lengths + budget).max())
+        tokens = torch.full((rows, total), self.pad_id, dtype=torch.int64, device=device)
+        for r, context in enumerate(contexts):
+            tokens[r, :len(context)] = torch.tensor(context, dtype=torch.int64)
+        logprobs = torch.zeros(rows, total, dtype=torch.float32, device=device)
+        stop = torch.tensor(stop_ids, dtype=torch.int64, device=device)
+        stopped = prefix_stopped.clone()
+        done = stopped.clone()
+        written = torch.zeros(rows, dtype=torch.int64, device=device)
+        generator = torch.Generator(device=device).manual_seed(seed)
+        kind = "raw" if params.greedy else params.logprobs
+
+        cache = (StaticInferenceContext(max_batch_size=rows, max_sequence_length=total)
+                 if self.use_kv_cache else None)
+        # slots[i] = the row held in KV-cache slot i; slots[:active] are still generating.
+        slots = torch.arange(rows, device=device)
+        slots = torch.cat([slots[~done], slots[done]])
+        active = int((~done).sum())
+        position = int(context_lengths.min())
+        fed = 0
+        while active:
+            logits = self._next_logits(cache, tokens, slots[:active], fed, position)
+            fed = position
+            live = slots[:active]
+            generating = context_lengths[live] <= position
+            if generating.any():
+                rows_now = live[generating]
+                banned = None
+                if params.min_new_tokens and stop.numel():
+                    early = (written[rows_now] < params.min_new_tokens)[:, None]
+                    banned = early & torch.isin(
+                        torch.arange(logits.shape[-1], device=device), stop)[None, :]
+                drawn = sample_tokens(logits[generating], params, banned=banned,
+                                      generator=generator)
+                tokens[rows_now, position] = drawn.tokens
+                logprobs[rows_now, position] = drawn.logprobs
+                written[rows_now] += 1
+                hit_stop = torch.isin(drawn.tokens, stop)
+                stopped[rows_now] = hit_stop
+                done[rows_now] = hit_stop | (written[rows_now] >= budget[rows_now])
+            position += 1
+            finished = done[live]
+            if finished.any():
+                order = torch.cat([torch.nonzero(~finished).squeeze(1),
+                                   torch.nonzero(finished).squeeze(1),
+                                   torch.arange(active, rows, device=device)])
+                if cache is not None and cache.key_value_memory_dict:
+                    cache.swap_key_value_dict(order)
+                slots = slots[order]
+                active = int((~finished).sum())
+        lengths = context_lengths + written
+        width = int(lengths.max())
+        return tokens[:, :width], logprobs[:, :width], lengths, stopped, kind
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams,
+                 forced_prefixes: list[list[int]] | None = None) -> RolloutBatch:
+        """``params.n`` continuations of each prompt (after its forced prefix, if any).
+
+        Rows are ``prompt_index * n + sample_index``; the loss mask covers the tokens written
+        here (stop token included). See :class:`~nemo_opd.rollout.engine.RolloutEngine`.
+        """
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        prefixes = self._check_inputs(prompts, forced_prefixes)
+        started = time.perf_counter()
+        device = next(self.model.parameters()).device
+        seed = self._agree_across_tp(prompts, prefixes, params, device)
+        stop_ids = sorted(set(params.stop_token_ids) | ({self.eos_id} - {None}))
+        expanded = [(list(p), q) for p, q in zip(prompts, prefixes, strict=True)
+                    for _ in range(params.n)]
+        # A forced prefix that already ends with a stop id leaves nothing to write.
+        prefix_stopped = torch.tensor([bool(q) and q[-1] in stop_ids for _, q in expanded],
+                                      device=device)
+        modes = [(module, module.training) for module in self.model.modules()]
+        self.model.eval()
+        try:
+            tokens, logprobs, lengths, stopped, kind = self._generate_rows(
+                [p + q for p, q in expanded], prefix_stopped, params, stop_ids, seed, device)
+        finally:
+            for module, training in modes:
+                module.training = training
+        batch = RolloutBatch(
+            tokens=tokens,
+            prompt_lengths=torch.tensor([len(p) for p, _ in expanded], device=device),
+            prefix_lengths=torch.tensor([len(q) for _, q in expanded], device=device),
+            lengths=lengths,
+            logprobs=logprobs,
+            loss_mask=torch.zeros_like(tokens, dtype=torch.bool),
+            logprob_kind=kind,
+            stopped=stopped,
+            pad_id=self.pad_id,
+            generation_seconds=time.perf_counter() - started,
+        )
+        batch.loss_mask = batch.generated_mask()
+        logger.debug("generated %d tokens in %.3f s (%.1f tokens/s)", batch.num_generated_tokens,
+                     batch.generation_seconds, batch.tokens_per_second)
+        return batch
