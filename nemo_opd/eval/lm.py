@@ -16,8 +16,9 @@ logits of a forward are this rank's vocabulary shard ``[b, s, V/tp]``; log-proba
 :func:`nemo_opd.loss.vocab_parallel_logprobs` and greedy tokens from a TP-global argmax, so every
 rank computes identical results; only global rank 0 shows progress bars.
 
-Greedy decoding re-runs the full forward per generated token (no KV cache): fine for tiny models
-and short answers; the rollout engine's KV-cache decoder is the fast path for long generations.
+Greedy decoding runs on the rollout engine
+(:class:`~nemo_opd.rollout.megatron_engine.MegatronEngine`, megatron's static KV cache), the same
+decoder the trainer's on-policy rollouts use.
 """
 
 from __future__ import annotations
@@ -302,33 +303,23 @@ class MegatronLM(TemplateLM):
 
     def _greedy_decode(self, contexts: list[list[int]], max_new_tokens: int,
                        stop: list[str]) -> list[list[int]]:
-        """Greedy continuations of token ``contexts``: a row stops at EOS, once its decoded text
-        contains a stop string, after ``max_new_tokens`` tokens or at ``max_length``."""
-        longest = max(len(c) for c in contexts)
-        budget = min(max_new_tokens, self._max_length - longest)
-        buffer = torch.full((len(contexts), longest + budget), self._pad_id, dtype=torch.long)
-        for row, ctx in enumerate(contexts):
-            buffer[row, :len(ctx)] = torch.tensor(ctx)
-        lengths = torch.tensor([len(c) for c in contexts])
-        generated: list[list[int]] = [[] for _ in contexts]
-        active = list(range(len(contexts)))
-        for _ in range(budget):
-            if not active:
-                break
-            rows = torch.tensor(active)
-            logits = self._logits(buffer[rows, :int(lengths[rows].max())])
-            last = logits[torch.arange(len(active)), (lengths[rows] - 1).to(logits.device)]
-            next_tokens = self._greedy_tokens(last).cpu()
-            still = []
-            for row, token in zip(active, next_tokens.tolist(), strict=True):
-                buffer[row, lengths[row]] = token
-                lengths[row] += 1
-                generated[row].append(token)
-                text = self.tok_decode(generated[row])
-                if token != self.eot_token_id and not any(s and s in text for s in stop):
-                    still.append(row)
-            active = still
-        return generated
+        """Greedy continuations of token ``contexts`` from the rollout engine (KV cache).
+
+        A row ends at EOS, after ``max_new_tokens`` or at ``max_length``; stop strings that are
+        one token end it early too (longer ones are cut from the text afterwards, with the same
+        result at more compute).
+        """
+        from nemo_opd.rollout.engine import SamplingParams
+        from nemo_opd.rollout.megatron_engine import MegatronEngine
+
+        stop_ids = {ids[0] for ids in (self.tok_encode(s, add_special_tokens=False)
+                                       for s in stop if s) if len(ids) == 1}
+        engine = MegatronEngine(self.model, pad_id=self._pad_id, eos_id=self.eot_token_id,
+                                tp_group=self._tp_group, max_sequence_length=self._max_length)
+        batch = engine.generate(contexts, SamplingParams(
+            temperature=0.0, max_new_tokens=max_new_tokens, stop_token_ids=tuple(sorted(stop_ids))))
+        return [batch.tokens[row, len(ctx):int(batch.lengths[row])].tolist()
+                for row, ctx in enumerate(contexts)]
 
     def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
         """Greedy generations for ``(context, gen_kwargs)`` requests, cut at the first stop
