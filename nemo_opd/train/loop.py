@@ -1,0 +1,376 @@
+"""The training loop and the recipe's entry point, :func:`run_distillation`.
+
+One optimizer step::
+
+    lr(step) → for each micro batch: plan (strategy) → sequences (dataset / rollouts / replay)
+             → score_batch (teacher no-grad, student fwd+bwd)
+    → reduce grads (TP-partial sums, DP mean) → global grad norm → clip → AdamW
+    → metrics → checkpoint (every N steps, atomically) → evaluation hook (every N steps)
+
+Exact resume: everything random is either keyed on ``(seed, step, micro batch)`` (λ draws,
+sampling seeds, replay picks, data order per epoch) or restored from the checkpoint (RNG
+states, data position, replay buffer, AdamW moments and step counts, weights, quantizer state),
+so a resumed run produces the same losses as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from nemo_opd.config import RunConfig
+from nemo_opd.data import EpochBatches, Example, ReplayBuffer, SequenceBatch, step_rng
+from nemo_opd.rollout.engine import RolloutEngine
+from nemo_opd.rollout.megatron_engine import MegatronEngine
+from nemo_opd.rollout.teacher_seeded import TeacherSeededRollouts
+from nemo_opd.runtime import distributed_runtime
+from nemo_opd.strategies import PlanPart, Strategy, TeacherContext, build_strategy
+from nemo_opd.train import checkpoint as ckpt
+from nemo_opd.train import setup
+from nemo_opd.train.metrics import MetricsLogger
+from nemo_opd.train.optim import (
+    build_optimizer,
+    clip_gradients,
+    data_parallel_group,
+    global_grad_norm,
+    learning_rate,
+    reduce_gradients,
+    set_learning_rate,
+)
+from nemo_opd.train.step import (
+    NonFiniteLossError,
+    ScoreResult,
+    ScoringModels,
+    TeacherTopKCache,
+    score_batch,
+    stop_if_nonfinite,
+)
+
+__all__ = ["EvalHook", "TrainResult", "Trainer", "run_distillation"]
+
+logger = logging.getLogger(__name__)
+
+EvalHook = Callable[[torch.nn.Module, int], "Mapping[str, float] | None"]
+"""``hook(student, steps_done) -> metrics``; called on every rank under ``no_grad`` (it may run
+collectives); rank 0 logs what it returns."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a run produced."""
+
+    steps_done: int
+    """Optimizer steps completed (including those before a resume)."""
+    history: list[dict[str, Any]]
+    """This process's per-step metrics (steps run in this call only)."""
+    evaluations: list[dict[str, Any]]
+    """``{"step": s, **metrics}`` per evaluation-hook call."""
+    last_checkpoint: Path | None
+    """The newest complete checkpoint (None if saving never happened)."""
+    metrics_file: Path | None
+    """The JSONL file (rank 0 with logging.jsonl), else None."""
+    output_dir: Path
+
+
+class Trainer:
+    """Owns models, optimizer, data, strategy and engines of one run (see the module docstring).
+
+    Args:
+        cfg: the run.
+        engine_factory: ``factory(model, tp_group) -> RolloutEngine``; default
+            :class:`~nemo_opd.rollout.megatron_engine.MegatronEngine` on the model itself.
+        eval_hook: see :data:`EvalHook`.
+    """
+
+    def __init__(self, cfg: RunConfig, *,
+                 engine_factory: Callable[[torch.nn.Module, Any], RolloutEngine] | None = None,
+                 eval_hook: EvalHook | None = None) -> None:
+        if cfg.quant.lora:
+            raise ValueError("QuantConfig.lora = True: LoRA on the quantized base is not "
+                             "implemented yet (issue 4); set quant.lora=false")
+        self.cfg = cfg
+        self.eval_hook = eval_hook
+        self.total_steps = cfg.total_steps
+        self.rank = dist.get_rank()
+        self.strategy: Strategy = build_strategy(cfg.distill, seed=cfg.seed)
+        # Files first: data, tokenizers and vocab sizes are checked before any weight loads.
+        self.tokenizer = setup.load_tokenizer(cfg.model.tokenizer_path)
+        self.examples, self.encoder = setup.load_examples(cfg, self.tokenizer)
+        sample_texts = [self.tokenizer.decode(e.prompt_ids) for e in self.examples[:8]]
+        setup.check_teacher_student_agreement(cfg, self.tokenizer, sample_texts)
+        self.pad_id = (self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
+                       else self.tokenizer.eos_token_id)
+        self.eos_id = self.tokenizer.eos_token_id
+
+        self.dp_group = data_parallel_group()
+        self.student_tp_group = parallel_state.get_tensor_model_parallel_group()
+        self.batches = EpochBatches(
+            self.examples, cfg.optim.micro_batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle,
+            dp_rank=parallel_state.get_data_parallel_rank(),
+            dp_size=parallel_state.get_data_parallel_world_size())
+        self.replay = (ReplayBuffer(cfg.distill.strategy.replay_capacity, seed=cfg.seed)
+                       if self.strategy.name == "replay_buffer" else None)
+
+        teacher_pg, teacher_tp_group = setup.teacher_groups(cfg)
+        teacher = setup.build_teacher(cfg, teacher_pg)
+        calibration = setup.calibration_batches(cfg, self.examples, self.pad_id)
+        anchor = None
+        if self.strategy.needs_anchor:  # the initial student, rebuilt identically on resume
+            anchor = setup.build_student(cfg, calibration)
+            anchor.eval()
+            anchor.requires_grad_(False)
+        self.start_step = 0
+        self.last_checkpoint = ckpt.latest_checkpoint(cfg.checkpoint_dir)
+        if cfg.checkpoint.resume and self.last_checkpoint is not None:
+            student, self.optimizer, state, _ = ckpt.load_checkpoint(
+                self.last_checkpoint, setup.build_fresh_student_shell(cfg),
+                lambda m: build_optimizer(m, cfg.optim))
+            self.start_step = int(state["step"])
+            self.batches.load_state_dict(state["data"])
+            if self.replay is not None:
+                self.replay.load_state_dict(state["replay"])
+            ckpt.set_rng_state(state["rng"])
+        else:
+            student = setup.build_student(cfg, calibration)
+            self.optimizer = build_optimizer(student, cfg.optim)
+        student.train()
+        context = (tuple(self.encoder.text_ids(cfg.distill.teacher_context))
+                   if cfg.distill.teacher_context else ())
+        self.models = ScoringModels(
+            student=student, teacher=teacher, student_tp_group=self.student_tp_group,
+            teacher_tp_group=teacher_tp_group,
+            same_layout=cfg.model.teacher_parallel == cfg.model.student_parallel,
+            teacher_context=TeacherContext(context), anchor=anchor)
+        self.cache = (TeacherTopKCache(cfg.distill.teacher_cache_dir, cfg.distill.topk,
+                                       cfg.distill.temperature)
+                      if cfg.distill.teacher_cache_dir else None)
+        factory = engine_factory or (lambda model, group: MegatronEngine(
+            model, pad_id=self.pad_id, eos_id=self.eos_id, tp_group=group))
+        self._engine_factory = factory
+        self._engine: RolloutEngine | None = None
+        self._seeded: TeacherSeededRollouts | None = None
+        self._rollout_stats: list[tuple[int, float, float, float]] = []
+        """Per rollout call of the current step: (generated tokens, seconds, mean response
+        length, mean teacher-prefix length)."""
+
+    # ---------------------------------------------------------------- sequences
+
+    def _engine_for_student(self) -> RolloutEngine:
+        if self._engine is None:
+            self._engine = self._engine_factory(self.models.student, self.student_tp_group)
+        return self._engine
+
+    def _sampling_seed(self, step: int, micro: int) -> int:
+        # Keyed on the data-parallel rank too: DP ranks hold different prompts anyway, and TP
+        # ranks of one group must draw the same tokens.
+        dp_rank = parallel_state.get_data_parallel_rank()
+        return step_rng(self.cfg.seed, step, micro, f"sample/{dp_rank}").randrange(2**31)
+
+    def _rollouts(self, examples: list[Example], part: PlanPart, step: int, micro: int
+                  ) -> SequenceBatch:
+        params = dataclasses.replace(self.cfg.sampling, seed=self._sampling_seed(step, micro))
+        prompts = [list(e.prompt_ids) for e in examples]
+        if self.strategy.name == "teacher_seeded":
+            if self._seeded is None:
+                strategy = self.cfg.distill.strategy
+                teacher_engine = self._engine_factory(self.models.teacher,
+                                                      self.models.teacher_tp_group)
+                self._seeded = TeacherSeededRollouts(
+                    self._engine_for_student(), teacher_engine,
+                    self.strategy.prefix_schedule,
+                    loss_tokens="all" if strategy.seed_prefix_loss else "student")
+            rollout = self._seeded.generate(prompts, params, step=step)
+        else:
+            rollout = self._engine_for_student().generate(prompts, params)
+        batch = SequenceBatch.from_rollout(rollout)
+        self._rollout_stats.append((rollout.num_generated_tokens, rollout.generation_seconds,
+                                    float(rollout.response_lengths.float().mean()),
+                                    float(rollout.prefix_lengths.float().mean())))
+        if self.replay is not None:
+            self.replay.add(batch)
+        return batch
+
+    def _sequences(self, examples: list[Example], part: PlanPart, step: int, micro: int
+                   ) -> SequenceBatch:
+        if part.source == "dataset":
+            return SequenceBatch.from_examples(examples, self.pad_id)
+        if part.source == "replay":
+            rows = len(examples) * self.cfg.sampling.n
+            replayed = self.replay.sample(rows, self.pad_id, step=step, micro_batch=micro)
+            if replayed is not None:
+                return replayed
+            logger.info("step %d: replay buffer holds %d < %d sequences; fresh rollouts instead",
+                        step, len(self.replay), rows)
+        return self._rollouts(examples, part, step, micro)
+
+    # ---------------------------------------------------------------- one step
+
+    def train_step(self, step: int) -> dict[str, Any]:
+        """Run optimizer step ``step`` (0-based); return its metrics."""
+        cfg, accumulation = self.cfg, self.cfg.optim.grad_accumulation
+        lr = learning_rate(step, cfg.optim, self.total_steps)
+        set_learning_rate(self.optimizer, lr)
+        self.optimizer.zero_grad(set_to_none=True)
+        started = time.perf_counter()
+        self._rollout_stats = []
+        results: list[tuple[PlanPart, ScoreResult]] = []
+        sources: list[str] = []
+        for micro in range(accumulation):
+            plan = self.strategy.plan(step, micro)
+            examples = self.batches.next_batch()
+            for part in plan.parts:
+                batch = self._sequences(examples, part, step, micro)
+                sources.append(batch.source)
+                try:
+                    result = score_batch(self.models, batch, cfg.distill,
+                                         loss_scale=part.weight / accumulation,
+                                         anchor_weight=plan.anchor_weight, cache=self.cache)
+                except NonFiniteLossError as err:
+                    raise self._nonfinite(step, f"{err} (micro batch {micro})") from None
+                results.append((part, result))
+        optim_started = time.perf_counter()
+        reduce_gradients(self.models.student, tp_group=self.student_tp_group,
+                         dp_group=self.dp_group)
+        grad_norm = global_grad_norm(self.models.student, tp_group=self.student_tp_group)
+        try:
+            stop_if_nonfinite(grad_norm, "gradient norm")
+        except NonFiniteLossError as err:
+            raise self._nonfinite(step, str(err)) from None
+        clip_gradients(self.models.student, cfg.optim.grad_clip, grad_norm)
+        self.optimizer.step()
+        optim_seconds = time.perf_counter() - optim_started
+        return self._step_metrics(results, sources, lr, grad_norm, optim_seconds,
+                                  time.perf_counter() - started)
+
+    def _step_metrics(self, results: list[tuple[PlanPart, ScoreResult]], sources: list[str],
+                      lr: float, grad_norm: float, optim_seconds: float, seconds: float
+                      ) -> dict[str, Any]:
+        accumulation = self.cfg.optim.grad_accumulation
+
+        def mean(attr: str) -> float:
+            values = [getattr(r, attr) for _, r in results if not math.isnan(getattr(r, attr))]
+            return sum(values) / len(values) if values else math.nan
+
+        generated = sum(s[0] for s in self._rollout_stats)
+        rollout_seconds = sum(s[1] for s in self._rollout_stats)
+        metrics = {
+            "loss": sum(p.weight * r.loss for p, r in results) / accumulation,
+            "forward_kl": mean("forward_kl"), "reverse_kl": mean("reverse_kl"),
+            "teacher_nll": mean("teacher_nll"), "anchor_kl": mean("anchor_kl"),
+            "loss_tokens": sum(r.loss_tokens for _, r in results),
+            "sources": sources,
+            "on_policy_fraction": sum(s != "dataset" for s in sources) / len(sources),
+            "rollout_length": (sum(s[2] for s in self._rollout_stats) / len(self._rollout_stats)
+                               if self._rollout_stats else 0.0),
+            "teacher_prefix_length": (sum(s[3] for s in self._rollout_stats)
+                                      / len(self._rollout_stats) if self._rollout_stats else 0.0),
+            "rollout_tokens_per_s": generated / rollout_seconds if rollout_seconds else 0.0,
+            "time_rollout_s": rollout_seconds,
+            "time_teacher_s": sum(r.teacher_seconds for _, r in results),
+            "time_student_s": sum(r.student_seconds for _, r in results),
+            "time_optimizer_s": optim_seconds, "step_seconds": seconds,
+            "lr": lr, "grad_norm": grad_norm,
+            "teacher_cache_hits": sum(r.teacher_cache_hit for _, r in results),
+        }
+        return {k: (None if isinstance(v, float) and math.isnan(v) else v)
+                for k, v in metrics.items()}
+
+    def _nonfinite(self, step: int, detail: str) -> NonFiniteLossError:
+        where = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint
+                 else "no checkpoint was saved yet")
+        message = (f"training stopped at step {step}: {detail}; nothing was saved for this "
+                   f"step and {where}. Lower optim.lr, enable optim.grad_clip or check the data.")
+        logger.error(message)
+        return NonFiniteLossError(message)
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def save(self, steps_done: int) -> Path:
+        state = {"step": steps_done, "rng": ckpt.rng_state(), "data": self.batches.state_dict(),
+                 "replay": self.replay.state_dict() if self.replay is not None else None}
+        meta = {"world_size": dist.get_world_size(), "total_steps": self.total_steps,
+                "config": self.cfg.to_dict()}
+        self.last_checkpoint = ckpt.save_checkpoint(
+            self.cfg.checkpoint_dir, steps_done, self.models.student, self.optimizer, state,
+            meta, keep_last=self.cfg.checkpoint.keep_last)
+        return self.last_checkpoint
+
+    # ---------------------------------------------------------------- loop
+
+    def train(self, *, stop_after: int | None = None) -> TrainResult:
+        """Train from the current step to the end (or until ``stop_after`` steps are done in
+        total, e.g. a job's time slot; a later run resumes from the checkpoint saved then)."""
+        cfg = self.cfg
+        end = self.total_steps if stop_after is None else min(stop_after, self.total_steps)
+        sink = MetricsLogger(cfg, rank=self.rank, total_steps=self.total_steps,
+                             start_step=self.start_step)
+        history: list[dict[str, Any]] = []
+        evaluations: list[dict[str, Any]] = []
+        try:
+            for step in range(self.start_step, end):
+                try:
+                    metrics = self.train_step(step)
+                except NonFiniteLossError as err:
+                    sink.log_event(step, "nonfinite_stop", {"message": str(err)})
+                    raise
+                done = step + 1
+                history.append({"step": done, **metrics})
+                sink.log(done, metrics)
+                every = cfg.checkpoint.save_every
+                if (every and done % every == 0) or done == end:
+                    self.save(done)
+                if self.eval_hook is not None and (
+                        (cfg.eval_every and done % cfg.eval_every == 0) or done == end):
+                    with torch.no_grad():
+                        result = dict(self.eval_hook(self.models.student, done) or {})
+                    self.models.student.train()
+                    evaluations.append({"step": done, **result})
+                    sink.log_event(done, "eval", result)
+        finally:
+            sink.close()
+        return TrainResult(steps_done=max(end, self.start_step), history=history,
+                           evaluations=evaluations, last_checkpoint=self.last_checkpoint,
+                           metrics_file=sink.jsonl_path, output_dir=Path(cfg.output_dir))
+
+
+def run_distillation(cfg: RunConfig, *, eval_hook: EvalHook | None = None,
+                     stop_after: int | None = None,
+                     engine_factory: Callable[[torch.nn.Module, Any], RolloutEngine] | None = None
+                     ) -> TrainResult:
+    """Build student (HF weights → ModelOpt QAT) and teacher from ``cfg``, train, save, return.
+
+    Runs inside an existing nemo_opd runtime (its layout must be the student's) or brings one
+    up for the call (torchrun's environment, or a world of one) and tears it down after.
+
+    Args:
+        cfg: the whole run (checked on construction).
+        eval_hook: evaluation every ``cfg.eval_every`` steps and at the end (:data:`EvalHook`).
+        stop_after: stop once this many steps are done in total (checkpoint saved there).
+        engine_factory: replaces the default colocated megatron rollout engine.
+
+    Raises:
+        ValueError: bad data, teacher/student vocabulary disagreement, unsupported options
+            (before any weight is loaded where possible).
+        NonFiniteLossError: a NaN/inf loss or gradient norm (nothing saved for that step; the
+            previous checkpoint is intact).
+    """
+    if parallel_state.model_parallel_is_initialized():
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        wanted = cfg.model.student_parallel.tensor_model_parallel_size
+        if tp != wanted:
+            raise ValueError(f"the running runtime has TP={tp} but ModelConfig.student_parallel "
+                             f"asks for TP={wanted}")
+        trainer = Trainer(cfg, engine_factory=engine_factory, eval_hook=eval_hook)
+        return trainer.train(stop_after=stop_after)
+    with distributed_runtime(cfg.model.student_parallel, seed=cfg.seed):
+        trainer = Trainer(cfg, engine_factory=engine_factory, eval_hook=eval_hook)
+        return trainer.train(stop_after=stop_after)

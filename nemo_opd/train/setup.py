@@ -1,0 +1,147 @@
+"""Build what a run needs from its :class:`~nemo_opd.config.RunConfig`: tokenizer, examples,
+the teacher/student agreement check, the quantized student, the frozen teacher and anchor.
+
+Order matters for error messages: everything that can be checked from files (data, tokenizers,
+config.json vocab sizes) is checked before any weight is loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.process_groups_config import ProcessGroupCollection
+
+from nemo_opd.config import RunConfig
+from nemo_opd.data import (
+    EpochBatches,
+    Example,
+    PromptEncoder,
+    SequenceBatch,
+    encode_records,
+    load_records,
+)
+from nemo_opd.models import build_gpt_model, load_hf_gpt, read_hf_config
+from nemo_opd.runtime import model_process_groups
+from nemo_opd.train.step import model_logits
+
+__all__ = ["check_teacher_student_agreement", "load_tokenizer", "load_examples",
+           "build_student", "build_fresh_student_shell", "build_teacher", "teacher_groups"]
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+# Probe texts beyond the training prompts: digits, spaces, punctuation and non-ASCII, where
+# tokenizers of one family most often diverge.
+_PROBES = ("question: what is 12 plus 30? answer: 42", "  leading spaces\tand tabs\n",
+           "naïve café — ünïcödé ✓ 数学", "<|im_start|>user\nhi<|im_end|>")
+
+
+def load_tokenizer(path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def load_examples(cfg: RunConfig, tokenizer: Any) -> tuple[list[Example], PromptEncoder]:
+    encoder = PromptEncoder(tokenizer, cfg.data)
+    return encode_records(load_records(cfg.data), encoder), encoder
+
+
+def check_teacher_student_agreement(cfg: RunConfig, tokenizer: Any,
+                                    sample_texts: list[str]) -> None:
+    """Raise ``ValueError`` listing every difference between teacher and student vocabularies.
+
+    Compared: ``vocab_size`` of both ``config.json`` files; and, when the teacher directory has a
+    tokenizer of its own, the ids both tokenizers give the same texts (``sample_texts`` plus
+    fixed probes) and their EOS/pad ids. Self-distillation shares everything: nothing to check.
+    """
+    if cfg.model.self_distillation:
+        return
+    student, teacher = read_hf_config(cfg.model.student), read_hf_config(cfg.model.teacher)
+    problems = []
+    if student.vocab_size != teacher.vocab_size:
+        problems.append(f"vocab_size: student {student.vocab_size} != teacher "
+                        f"{teacher.vocab_size}")
+    if any((Path(cfg.model.teacher) / f).is_file() for f in _TOKENIZER_FILES):
+        teacher_tok = load_tokenizer(cfg.model.teacher)
+        for name in ("eos_token_id", "pad_token_id"):
+            a, b = getattr(tokenizer, name), getattr(teacher_tok, name)
+            if a != b:
+                problems.append(f"{name}: student {a} != teacher {b}")
+        mismatches = []
+        for text in [*_PROBES, *sample_texts]:
+            a = tokenizer(text, add_special_tokens=False)["input_ids"]
+            b = teacher_tok(text, add_special_tokens=False)["input_ids"]
+            if a != b:
+                mismatches.append(f"text {text[:40]!r}: student ids {a[:8]} vs teacher ids "
+                                  f"{b[:8]}")
+        if mismatches:
+            problems.append(f"{len(mismatches)} texts tokenize differently, e.g. "
+                            + "; ".join(mismatches[:3]))
+    if problems:
+        raise ValueError("teacher and student vocabularies disagree (the distillation loss "
+                         "compares distributions id by id): " + "; ".join(problems))
+
+
+def teacher_groups(cfg: RunConfig) -> tuple[ProcessGroupCollection | None, Any]:
+    """``(pg_collection, tp_group)`` of the teacher: the global (student's) groups when the
+    layouts are equal, else its own (collective: every rank calls it)."""
+    if cfg.model.teacher_parallel == cfg.model.student_parallel:
+        return None, parallel_state.get_tensor_model_parallel_group()
+    groups = model_process_groups(cfg.model.teacher_parallel)
+    return groups, groups.tp
+
+
+def build_teacher(cfg: RunConfig, pg_collection: ProcessGroupCollection | None
+                  ) -> torch.nn.Module:
+    """The frozen teacher: the teacher directory, or the student's original weights."""
+    path = cfg.model.student if cfg.model.self_distillation else cfg.model.teacher
+    teacher = load_hf_gpt(path, cfg.model.teacher_parallel,
+                          dtype=_DTYPES[cfg.model.teacher_dtype], pg_collection=pg_collection)
+    teacher.eval()
+    teacher.requires_grad_(False)  # never holds gradients or optimizer state
+    return teacher
+
+
+def calibration_batches(cfg: RunConfig, examples: list[Example], pad_id: int
+                        ) -> list[torch.Tensor]:
+    """Token batches for PTQ calibration: the first micro batches of a dedicated, seeded
+    order (not the training iterator's, whose position must not move)."""
+    batches = EpochBatches(examples, cfg.optim.micro_batch_size, seed=cfg.seed + 1)
+    out = []
+    for _ in range(cfg.quant.calibration_batches):
+        chunk = batches.next_batch()
+        if all(e.response_ids for e in chunk):
+            out.append(SequenceBatch.from_examples(chunk, pad_id).tokens)
+        else:
+            width = max(len(e.prompt_ids) for e in chunk)
+            out.append(torch.tensor([list(e.prompt_ids) + [pad_id] * (width - len(e.prompt_ids))
+                                     for e in chunk]))
+    return out
+
+
+def build_student(cfg: RunConfig, calibration: list[torch.Tensor]) -> torch.nn.Module:
+    """The student from its HF weights, quantized and calibrated (QAT-ready)."""
+    from nemo_opd.quant.student import quantize_student
+
+    student = load_hf_gpt(cfg.model.student, cfg.model.student_parallel,
+                          dtype=_DTYPES[cfg.model.student_dtype])
+    if cfg.quant.format != "none":
+        def forward_loop(model: torch.nn.Module) -> None:
+            with torch.no_grad():
+                for tokens in calibration:
+                    model_logits(model, tokens)
+
+        quantize_student(student, cfg.quant.format, forward_loop if calibration else None)
+    return student
+
+
+def build_fresh_student_shell(cfg: RunConfig) -> torch.nn.Module:
+    """An unquantized, randomly initialised student to load a checkpoint into."""
+    return build_gpt_model(read_hf_config(cfg.model.student), cfg.model.student_parallel,
+                           dtype=_DTYPES[cfg.model.student_dtype])

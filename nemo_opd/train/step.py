@@ -1,0 +1,228 @@
+"""One scored batch: teacher forward (no grad) → student forward → loss → backward.
+
+Shapes. Sequences are ``tokens [B, T]``; both models return vocab-parallel logits
+``[B, T, V/tp]`` (each on its own TP group). Logits at position ``t`` predict ``tokens[:, t+1]``,
+so every loss below consumes ``logits[:, :-1]`` against ``tokens[:, 1:]`` with the mask
+``loss_mask[:, 1:]`` (a token carries loss when its prediction is scored).
+
+Teacher side by ``DistillConfig.loss``:
+
+* ``"full"``: the teacher's vocab-sharded logits (teacher TP = student TP, same shards);
+* ``"topk"``: :func:`~nemo_opd.loss.teacher_topk` on the teacher's own TP group — a
+  :class:`~nemo_opd.loss.TeacherTopK` replicated on every rank, so a teacher on a smaller TP
+  group serves the student's larger one; optionally cached on disk for dataset sequences;
+* ``"sampled"``: the teacher's log-probs of the scored tokens (seed 003's advantage).
+
+The loss is a mean over this batch's loss tokens (each loss's own reduction), times the part's
+weight over the number of micro batches, so accumulated gradients average micro batches. The
+KL anchor adds ``γ · KL(student ‖ anchor)`` over the same tokens.
+
+Metrics (no grad, same tokens, loss temperature): forward KL(T‖S) and reverse KL(S‖T) — over
+the full vocabulary when the teacher's logits are on the student's layout, else over the
+teacher's top-k + tail buckets — and the teacher's NLL of the scored tokens at temperature 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from nemo_opd.config import DistillConfig
+from nemo_opd.data.batch import SequenceBatch
+from nemo_opd.loss import (
+    TeacherTopK,
+    generalized_jsd,
+    sampled_token_reverse_kl,
+    teacher_topk,
+    topk_generalized_jsd,
+    vocab_parallel_logprobs,
+)
+from nemo_opd.strategies import TeacherContext
+
+__all__ = ["ScoringModels", "ScoreResult", "NonFiniteLossError", "TeacherTopKCache", "score_batch",
+           "model_logits", "stop_if_nonfinite"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss or gradient norm was NaN/inf; training stopped without saving."""
+
+
+@dataclasses.dataclass
+class ScoringModels:
+    """The models one scored batch needs, and their tensor-parallel groups."""
+
+    student: torch.nn.Module
+    teacher: torch.nn.Module
+    student_tp_group: dist.ProcessGroup | None
+    teacher_tp_group: dist.ProcessGroup | None
+    same_layout: bool
+    """Teacher logits are sharded exactly like the student's (same TP size)."""
+    teacher_context: TeacherContext = dataclasses.field(default_factory=TeacherContext)
+    anchor: torch.nn.Module | None = None
+    """Frozen initial student (kl_anchored)."""
+
+
+@dataclasses.dataclass
+class ScoreResult:
+    """What one scored batch reports (floats, identical on every TP rank)."""
+
+    loss: float
+    """The batch's loss before part weight and accumulation scaling."""
+    forward_kl: float
+    reverse_kl: float
+    teacher_nll: float
+    """NaN when the teacher side came from the cache (no logits to score the tokens with)."""
+    anchor_kl: float
+    loss_tokens: int
+    teacher_seconds: float
+    student_seconds: float
+    teacher_cache_hit: bool = False
+
+
+def model_logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """``[B, T, V/tp]`` logits of a megatron ``GPTModel`` for right-padded ``tokens [B, T]``
+    (causal attention: padding after a row's end cannot change its earlier positions)."""
+    positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+    return model(tokens, positions, attention_mask=None)
+
+
+class TeacherTopKCache:
+    """Teacher top-k log-probs of dataset sequences on disk, one file per example.
+
+    The key hashes the example's tokens, k and the temperature, so a changed dataset, k or
+    temperature never reads stale entries. Writes go to a temporary file then ``os.replace``
+    (several ranks writing the same entry is harmless).
+    """
+
+    def __init__(self, directory: str | Path, k: int, temperature: float) -> None:
+        self.dir, self.k, self.temperature = Path(directory), k, temperature
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, tokens: list[int]) -> Path:
+        digest = hashlib.sha1(f"{self.k}/{self.temperature}/{tokens}".encode()).hexdigest()
+        return self.dir / f"{digest}.pt"
+
+    def load(self, batch: SequenceBatch) -> TeacherTopK | None:
+        """The batch's ``[B, T-1, k]`` top-k (padding rows zero) if every row is cached."""
+        rows = []
+        for r in range(batch.tokens.shape[0]):
+            path = self._path(batch.tokens[r, :int(batch.lengths[r])].tolist())
+            if not path.is_file():
+                return None
+            rows.append(torch.load(path))
+        shape = (batch.tokens.shape[0], batch.tokens.shape[1] - 1)
+        logprobs = torch.zeros(*shape, self.k)
+        indices = torch.zeros(*shape, self.k, dtype=torch.int64)
+        log_tail = torch.zeros(shape)
+        for r, row in enumerate(rows):
+            n = row["indices"].shape[0]
+            logprobs[r, :n], indices[r, :n], log_tail[r, :n] = (row["logprobs"], row["indices"],
+                                                                row["log_tail"])
+        return TeacherTopK(logprobs, log_tail, indices, self.temperature)
+
+    def store(self, batch: SequenceBatch, top: TeacherTopK) -> None:
+        for r in range(batch.tokens.shape[0]):
+            n = int(batch.lengths[r])
+            path = self._path(batch.tokens[r, :n].tolist())
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            torch.save({"logprobs": top.logprobs[r, :n - 1].clone(),
+                        "indices": top.indices[r, :n - 1].clone(),
+                        "log_tail": top.log_tail[r, :n - 1].clone()}, tmp)
+            os.replace(tmp, path)
+
+
+def _teacher_forward(models: ScoringModels, tokens: torch.Tensor) -> torch.Tensor:
+    """Teacher logits aligned to the student's prediction positions: ``[B, T-1, V/tp_t]``."""
+    context = models.teacher_context
+    logits = model_logits(models.teacher, context.inputs(tokens))
+    return context.align(logits, tokens.shape[1])[:, :-1]
+
+
+def score_batch(models: ScoringModels, batch: SequenceBatch, cfg: DistillConfig, *,
+                loss_scale: float, anchor_weight: float = 0.0,
+                cache: TeacherTopKCache | None = None) -> ScoreResult:
+    """Score ``batch``, backpropagate ``loss · loss_scale`` into the student, return metrics.
+
+    Raises :class:`NonFiniteLossError` (on every rank alike) before backward when the loss is
+    NaN/inf, so no bad gradient reaches the parameters.
+    """
+    tokens = batch.tokens
+    targets, mask = tokens[:, 1:], batch.loss_mask[:, 1:]
+    t_group, s_group = models.teacher_tp_group, models.student_tp_group
+    started = time.perf_counter()
+    cached = (cache.load(batch) if cache is not None and batch.source == "dataset" else None)
+    t_logits = top = teacher_lp = None
+    teacher_nll = math.nan
+    with torch.no_grad():
+        if cached is None:
+            t_logits = _teacher_forward(models, tokens)
+            lp = vocab_parallel_logprobs(t_logits, targets, mask=mask, tp_group=t_group)
+            teacher_nll = float(-lp.sum() / mask.sum().clamp(min=1))
+            if cfg.loss == "sampled":
+                teacher_lp = vocab_parallel_logprobs(t_logits, targets,
+                                                     temperature=cfg.temperature, mask=mask,
+                                                     tp_group=t_group)
+            if cfg.loss == "topk" or not models.same_layout:
+                top = teacher_topk(t_logits, cfg.topk, temperature=cfg.temperature,
+                                   tp_group=t_group)
+                if cache is not None and batch.source == "dataset":
+                    cache.store(batch, top)
+            if not models.same_layout:
+                t_logits = None  # sharded on another group: only the top-k travels
+        else:
+            top = cached
+        anchor_logits = (model_logits(models.anchor, tokens)[:, :-1]
+                         if anchor_weight > 0 and models.anchor is not None else None)
+    teacher_seconds = time.perf_counter() - started
+
+    started = time.perf_counter()
+    s_logits = model_logits(models.student, tokens)[:, :-1]
+    common = dict(temperature=cfg.temperature, mask=mask, tp_group=s_group)
+    if cfg.loss == "full":
+        loss = generalized_jsd(s_logits, t_logits, beta=cfg.beta, continuous=cfg.continuous,
+                               **common)
+    elif cfg.loss == "topk":
+        loss = topk_generalized_jsd(s_logits, top, beta=cfg.beta, continuous=cfg.continuous,
+                                    **common)
+    else:
+        behaviour = batch.rollout_logprobs[:, 1:] if batch.source == "replay" else None
+        loss = sampled_token_reverse_kl(s_logits, targets, teacher_lp, behaviour,
+                                        clip_ratio=cfg.clip_ratio or None, **common).loss
+    anchor_kl = 0.0
+    total = loss
+    if anchor_logits is not None:
+        anchor = generalized_jsd(s_logits, anchor_logits, beta=1.0, mask=mask, tp_group=s_group)
+        anchor_kl = float(anchor.detach())
+        total = loss + anchor_weight * anchor
+    stop_if_nonfinite(float(total.detach()), f"{batch.source} batch loss")
+    (total * loss_scale).backward()
+    student_seconds = time.perf_counter() - started
+
+    with torch.no_grad():
+        detached = s_logits.detach()
+        if t_logits is not None:
+            fkl, rkl = (generalized_jsd(detached, t_logits, beta=b, **common)
+                        for b in (0.0, 1.0))
+        else:
+            fkl, rkl = (topk_generalized_jsd(detached, top, beta=b, **common)
+                        for b in (0.0, 1.0))
+    return ScoreResult(float(loss.detach()), float(fkl), float(rkl), teacher_nll, anchor_kl,
+                       int(mask.sum()), teacher_seconds, student_seconds,
+                       teacher_cache_hit=cached is not None)
+
+
+def stop_if_nonfinite(value: float, what: str) -> None:
+    """Raise on every rank if ``value`` is NaN/inf on any rank (ranks must stop together)."""
+    bad = torch.tensor([0.0 if math.isfinite(value) else 1.0])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if bad.item():
+        raise NonFiniteLossError(f"{what} is {value} on this rank (non-finite on at least one "
+                                 "rank)")
