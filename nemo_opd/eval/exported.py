@@ -1,0 +1,196 @@
+"""Evaluate the deployable artifact: a ModelOpt unified HF checkpoint (``hf_quant_config.json``).
+
+Two ways, each labelled with its numerics in the results:
+
+* **HF dequantised** — :func:`dequantize_export` turns the packed weights back into a plain HF
+  model directory (``weight = codes × scales``, AWQ pre-quant scales folded into the weight's
+  input columns), which lm-eval's own ``HFLM`` (:func:`hf_lm`) or our megatron path then
+  evaluates. This measures exactly the exported codes, on any machine.
+* **TRT-LLM** — :func:`trtllm_lm` serves the export unchanged with TensorRT-LLM through lm-eval's
+  ``trtllm`` model (NGC containers; raises :class:`BackendUnavailable` elsewhere).
+
+Dequantisers are looked up by the checkpoint's ``quant_algo`` in :data:`DEQUANTIZERS`; another
+format plugs in with :func:`register_dequantizer`. Built in: FP8 (per tensor / per channel),
+INT8 weight-only and SmoothQuant, INT4 AWQ and W4A8 AWQ (ModelOpt's two-per-byte packing).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "BackendUnavailable",
+    "DEQUANTIZERS",
+    "Dequantizer",
+    "dequantize_export",
+    "dequantize_tensors",
+    "hf_lm",
+    "read_quant_config",
+    "register_dequantizer",
+    "trtllm_lm",
+]
+
+logger = logging.getLogger(__name__)
+
+QUANT_CONFIG_FILE = "hf_quant_config.json"
+
+Dequantizer = Callable[[dict[str, torch.Tensor], str, dict[str, Any]], torch.Tensor]
+"""``fn(tensors, prefix, quant) -> float32 weight``: ``tensors`` holds ``<prefix>.weight`` and its
+scales (``<prefix>.weight_scale``...); ``quant`` is the ``quantization`` section of the config."""
+
+DEQUANTIZERS: dict[str, Dequantizer] = {}
+"""``quant_algo`` (upper case, as ModelOpt writes it) → dequantiser."""
+
+# Tensors that only serve the quantized kernels; a dequantised model has no use for them.
+_SCALE_SUFFIXES = (".weight_scale", ".weight_scale_2", ".input_scale", ".pre_quant_scale",
+                   ".k_scale", ".v_scale", ".output_scale")
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested inference backend is not installed on this machine."""
+
+
+def register_dequantizer(*algos: str) -> Callable[[Dequantizer], Dequantizer]:
+    """Decorator registering ``fn`` for each ``quant_algo`` in ``algos``."""
+    def register(fn: Dequantizer) -> Dequantizer:
+        for algo in algos:
+            DEQUANTIZERS[algo.upper()] = fn
+        return fn
+    return register
+
+
+@register_dequantizer("FP8")
+def _fp8(tensors: dict[str, torch.Tensor], prefix: str, quant: dict[str, Any]) -> torch.Tensor:
+    weight, scale = tensors[f"{prefix}.weight"].float(), tensors[f"{prefix}.weight_scale"].float()
+    return weight * (scale.reshape(-1, 1) if scale.numel() > 1 else scale)
+
+
+@register_dequantizer("INT8_WO", "INT8_SQ")
+def _int8(tensors: dict[str, torch.Tensor], prefix: str, quant: dict[str, Any]) -> torch.Tensor:
+    scale = tensors[f"{prefix}.weight_scale"].float()
+    weight = tensors[f"{prefix}.weight"].float() * scale[:, None]
+    return _fold_pre_quant_scale(weight, tensors, prefix)
+
+
+@register_dequantizer("INT4_AWQ", "W4A8_AWQ")
+def _int4_blockwise(tensors: dict[str, torch.Tensor], prefix: str,
+                    quant: dict[str, Any]) -> torch.Tensor:
+    """ModelOpt's ``pack_int4_in_uint8``: byte ``[i, j]`` holds rows ``2i`` (low nibble) and
+    ``2i + 1`` (high nibble) of column ``j``, two's complement; ``weight_scale [out, in/block]``."""
+    packed = tensors[f"{prefix}.weight"].view(torch.uint8).to(torch.int16)
+    nibbles = torch.stack([packed & 0x0F, packed >> 4], dim=1)  # [out/2, 2, in]
+    codes = torch.where(nibbles > 7, nibbles - 16, nibbles).reshape(-1, packed.shape[-1])
+    scale = tensors[f"{prefix}.weight_scale"].float()
+    block = codes.shape[-1] // scale.shape[-1]
+    weight = codes.float() * scale.repeat_interleave(block, dim=-1)
+    return _fold_pre_quant_scale(weight, tensors, prefix)
+
+
+def _fold_pre_quant_scale(weight: torch.Tensor, tensors: dict[str, torch.Tensor],
+                          prefix: str) -> torch.Tensor:
+    # AWQ / SmoothQuant scale activations by s before the GEMM: W (x ∘ s) = (W diag s) x.
+    pre = tensors.get(f"{prefix}.pre_quant_scale")
+    return weight if pre is None else weight * pre.float()[None, :]
+
+
+def read_quant_config(export_dir: str | Path) -> dict[str, Any] | None:
+    """The ``quantization`` section of ``hf_quant_config.json``, or None for a plain HF dir."""
+    path = Path(export_dir) / QUANT_CONFIG_FILE
+    if not path.is_file():
+        return None
+    quant = json.loads(path.read_text()).get("quantization")
+    if not isinstance(quant, dict) or "quant_algo" not in quant:
+        raise ValueError(f"{path}: expected a 'quantization' section with 'quant_algo'")
+    return quant
+
+
+def dequantize_tensors(tensors: dict[str, torch.Tensor], quant: dict[str, Any], *,
+                       dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+    """A plain state dict in ``dtype``: every ``<prefix>.weight`` with a ``weight_scale`` is
+    dequantised by the ``quant_algo``'s dequantiser, scale tensors are dropped, the rest cast."""
+    algo = str(quant["quant_algo"]).upper()
+    quantized = [name.removesuffix(".weight_scale") for name in tensors
+                 if name.endswith(".weight_scale")]
+    if quantized and algo not in DEQUANTIZERS:
+        raise ValueError(f"no dequantiser for quant_algo {algo!r} (registered: "
+                         f"{sorted(DEQUANTIZERS)}); add one with register_dequantizer")
+    out = {name: (value.to(dtype) if value.is_floating_point() else value)
+           for name, value in tensors.items() if not name.endswith(_SCALE_SUFFIXES)}
+    for prefix in quantized:
+        out[f"{prefix}.weight"] = DEQUANTIZERS[algo](tensors, prefix, quant).to(dtype)
+    return out
+
+
+def dequantize_export(export_dir: str | Path, out_dir: str | Path, *,
+                      dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Write ``out_dir``: a plain HF model directory with the export's weights dequantised.
+
+    Config and tokenizer files are copied (``quantization_config`` dropped from
+    ``config.json``); a directory without ``hf_quant_config.json`` is copied with weights cast to
+    ``dtype``. Returns ``out_dir``.
+    """
+    from safetensors.torch import load_file, save_file
+
+    export_dir, out_dir = Path(export_dir), Path(out_dir)
+    if not (export_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{export_dir} has no config.json; expected a ModelOpt unified "
+                                "HF checkpoint (export_hf_checkpoint / export_mcore_gpt_to_hf)")
+    shards = sorted(export_dir.glob("*.safetensors"))
+    if not shards:
+        raise FileNotFoundError(f"{export_dir} holds no *.safetensors weights")
+    quant = read_quant_config(export_dir) or {"quant_algo": "NONE"}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for item in export_dir.iterdir():
+        if item.is_file() and item.suffix != ".safetensors" and item.name not in (
+                QUANT_CONFIG_FILE, "model.safetensors.index.json"):
+            shutil.copy2(item, out_dir / item.name)
+    config = json.loads((export_dir / "config.json").read_text())
+    config.pop("quantization_config", None)
+    config["torch_dtype"] = config["dtype"] = str(dtype).removeprefix("torch.")
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        tensors.update(load_file(shard))
+    save_file(dequantize_tensors(tensors, quant, dtype=dtype), out_dir / "model.safetensors",
+              metadata={"format": "pt"})
+    logger.info("dequantised %s (%s) to %s (%s)", export_dir, quant["quant_algo"], out_dir, dtype)
+    return out_dir
+
+
+def hf_lm(model_dir: str | Path, *, dtype: str = "bfloat16", batch_size: int = 8,
+          max_length: int | None = None, numerics: str | None = None):
+    """lm-eval's ``HFLM`` on a plain HF directory, with a ``numerics`` label (default
+    ``"HF <dtype>"``)."""
+    from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=str(model_dir), dtype=dtype, batch_size=batch_size, device="cpu"
+              if not torch.cuda.is_available() else "cuda", max_length=max_length)
+    lm.numerics = numerics or f"HF {dtype}"
+    return lm
+
+
+def trtllm_lm(export_dir: str | Path, *, tensor_parallel_size: int = 1, **kwargs: Any):
+    """lm-eval's TensorRT-LLM model serving the export as is (``numerics = "TRT-LLM"``).
+
+    Raises:
+        BackendUnavailable: ``tensorrt_llm`` is not importable (it ships in NGC containers and
+            has no wheel for CPU machines).
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt_llm") is None:
+        raise BackendUnavailable("TensorRT-LLM is not installed here (it ships in the NGC "
+                                 "TensorRT-LLM container); evaluate the export with --backend hf "
+                                 "(dequantised) instead, or run inside the container")
+    from lm_eval.models.trtllm_causallms import TRTLLM
+
+    lm = TRTLLM(model=str(export_dir), tensor_parallel_size=tensor_parallel_size, **kwargs)
+    lm.numerics = "TRT-LLM"
+    return lm
