@@ -37,7 +37,7 @@ def filter_logits(logits: torch.Tensor, *, top_k: int = 0, top_p: float = 1.0) -
         top_k: keep entries ``>=`` the k-th largest value of the row (ties kept); 0 = off.
         top_p: keep the most likely entries, in decreasing order, up to and including the one
             at which the cumulative probability of ``softmax(logits)`` reaches ``top_p``
-            (at least one kept); 1 = off.
+            (at least one kept; ties at that boundary split by sort order, as in HF); 1 = off.
 
     Returns:
         ``[rows, V]``, a new tensor (``logits`` is not modified).
