@@ -1,0 +1,161 @@
+"""Stages of ``recipes/onpolicy_qat.py`` that are plumbing rather than the method: filling the
+demo's paths, checking inputs exist, evaluating with the plan's settings, exporting, reporting.
+
+Every function runs on all ranks of the job (they may hold collectives); files are written by
+rank 0 only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from nemo_opd.config import DataConfig, ModelConfig, RunConfig
+from nemo_opd.launch.plans import DEMO, EvalPlan, ExportPlan
+
+__all__ = [
+    "is_rank0",
+    "log_rank0",
+    "use_demo_assets",
+    "check_inputs_exist",
+    "evaluator",
+    "export_trained_student",
+    "evaluate_export",
+    "write_results",
+]
+
+logger = logging.getLogger(__name__)
+
+Evaluate = Callable[..., dict[str, Any]]
+
+
+def is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def log_rank0(log: logging.Logger, message: str, *args: Any) -> None:
+    if is_rank0():
+        log.info(message, *args)
+
+
+def use_demo_assets(model: ModelConfig, data: DataConfig, evaluation: EvalPlan,
+                    demo_dir: str) -> tuple[ModelConfig, DataConfig, EvalPlan]:
+    """Replace every ``"<demo>"`` path with the built-in demo's cached assets and add the demo's
+    evaluation tasks; unchanged when no path is ``"<demo>"``.
+
+    Rank 0 makes (or validates) the cache first; the other ranks then find it ready.
+    """
+    paths = (model.student, model.teacher, model.tokenizer, *data.train_files)
+    if DEMO not in paths:
+        return model, data, evaluation
+    from nemo_opd.demo import prepare_demo
+
+    if is_rank0():
+        assets = prepare_demo(Path(demo_dir))
+    _barrier()
+    if not is_rank0():
+        assets = prepare_demo(Path(demo_dir))
+
+    def fill(value: str, demo_value: Path) -> str:
+        return str(demo_value) if value == DEMO else value
+
+    model = dataclasses.replace(
+        model, student=fill(model.student, assets.student_dir),
+        teacher=fill(model.teacher, assets.teacher_dir),
+        tokenizer=fill(model.tokenizer, assets.teacher_dir))
+    data = dataclasses.replace(
+        data, train_files=tuple(fill(f, assets.train_file) for f in data.train_files))
+    demo_tasks = tuple(f"{name}={path}" for name, path in assets.eval_tasks.items())
+    evaluation = dataclasses.replace(evaluation,
+                                     local_tasks=(*demo_tasks, *evaluation.local_tasks))
+    return model, data, evaluation
+
+
+def check_inputs_exist(cfg: RunConfig) -> None:
+    """Raise ``FileNotFoundError`` naming the first missing model directory or data file."""
+    dirs = {"model.student": cfg.model.student, "model.teacher": cfg.model.teacher,
+            "model.tokenizer": cfg.model.tokenizer}
+    for key, path in dirs.items():
+        if path and not (Path(path) / "config.json").is_file() and key != "model.tokenizer":
+            raise FileNotFoundError(f"{key}={path!r}: no Hugging Face model there (no "
+                                    "config.json); pass a local HF directory")
+        if path and not Path(path).exists():
+            raise FileNotFoundError(f"{key}={path!r} does not exist")
+    for path in cfg.data.train_files:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"data.train_files: {path!r} does not exist")
+
+
+def evaluator(plan: EvalPlan, tokenizer: Any) -> Evaluate:
+    """``evaluate(model_or_lm, run_name=..., role=...) -> record`` with the plan's settings
+    (:func:`nemo_opd.eval.evaluate.evaluate_model`)."""
+    from nemo_opd.eval.evaluate import evaluate_model
+    from nemo_opd.eval.lm import LMConfig
+
+    lm_config = LMConfig(batch_size=plan.batch_size)
+
+    def evaluate(model: Any, *, run_name: str, role: str | None) -> dict[str, Any]:
+        return evaluate_model(model, plan.tasks, local_tasks=plan.local_task_files,
+                              tokenizer=tokenizer, lm_config=lm_config,
+                              data_dir=plan.data_dir or None, limit=plan.limit,
+                              num_fewshot=plan.num_fewshot, run_name=run_name, role=role)
+
+    return evaluate
+
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def export_trained_student(student: torch.nn.Module, cfg: RunConfig, plan: ExportPlan
+                           ) -> list[Path]:
+    """Export the trained student (rank 0 writes); ``[export_dir]``, or ``[]`` when the layout
+    has TP or PP > 1 (the exporter needs whole weights)."""
+    if cfg.model.student_parallel.model_parallel_size > 1:
+        log_rank0(logger, "export skipped: it needs TP = PP = 1 (the student runs at %s)",
+                  cfg.model.student_parallel)
+        return []
+    from nemo_opd.quant.export import export_student
+
+    export_dir = Path(plan.dir or Path(cfg.output_dir) / "export")
+    if is_rank0():
+        result = export_student(student, cfg.model.student, export_dir,
+                                dtype=_DTYPES[plan.dtype], tokenizer_dir=cfg.model.tokenizer_path)
+        logger.info("exported the student to %s", result.export_dir)
+    _barrier()
+    return [export_dir]
+
+
+def evaluate_export(export_dir: Path, plan: EvalPlan, device: torch.device
+                    ) -> dict[str, Any]:
+    """The export's results record, through lm-eval's HF model on its dequantised weights."""
+    from nemo_opd.eval.export import evaluate_export_dir
+
+    return evaluate_export_dir(export_dir, plan, device)
+
+
+def write_results(records: list[dict[str, Any]], output_dir: Path, *,
+                  history: list[dict[str, Any]]) -> dict[str, Any]:
+    """Print the seeds' table and write ``results.{json,md,png}`` (+ the in-loop evaluations
+    in ``eval_history.json``) under ``output_dir``; returns the table."""
+    import json
+
+    from nemo_opd.eval.report import build_table, render_markdown, write_report
+
+    table = build_table(records)
+    if is_rank0():
+        paths = write_report(records, output_dir / "results")
+        (output_dir / "eval_history.json").write_text(json.dumps(history, indent=2))
+        print(render_markdown(table))
+        print("results: " + ", ".join(str(p) for p in paths.values() if p is not None))
+    return table

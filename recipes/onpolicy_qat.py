@@ -1,0 +1,214 @@
+"""On-policy QAT distillation: quantize a model to 4 bits, then win its accuracy back.
+
+    nemo run recipes/onpolicy_qat.py                       # built-in tiny CPU demo (~minutes)
+    nemo run recipes/onpolicy_qat.py distill.beta=0.5 quant.format=mxfp4 optim.steps=20
+    nemo run recipes/onpolicy_qat.py --factory qwen3_4b_int4 model.student=/models/Qwen3-4B \\
+        data.train_files=[/data/prompts.jsonl] run.executor=slurm run.executor.nodes=2
+    nemo run recipes/onpolicy_qat.py --help                # presets and every overridable field
+
+(``python recipes/onpolicy_qat.py ...`` is the same.) The run, top to bottom:
+
+1. build the config (the built-in demo's teacher and data are made and cached on first use);
+2. evaluate the full-precision teacher and the PTQ student (quantized, not trained);
+3. distill: ModelOpt QAT student, on-policy rollouts, vocab-parallel divergence to the teacher;
+4. evaluate the trained student, export it as a ModelOpt unified HF checkpoint, and evaluate
+   the export through lm-eval's HF model (the deployable numerics);
+5. print the seeds' table (teacher / PTQ / student, share of the PTQ gap recovered) and write
+   ``<output_dir>/results.{json,md,png}``.
+"""
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import nemo_run as run
+
+from nemo_opd.config import (
+    CheckpointConfig,
+    DataConfig,
+    DistillConfig,
+    LoggingConfig,
+    ModelConfig,
+    OptimConfig,
+    QuantConfig,
+    RunConfig,
+)
+from nemo_opd.launch import executors  # noqa: F401  (registers run.executor=local|slurm|docker)
+from nemo_opd.launch.executors import check_world_fits
+from nemo_opd.launch.plans import DEMO, EvalPlan, ExportPlan
+from nemo_opd.launch.recipe import config_tree, recipe_main
+from nemo_opd.launch.stages import (
+    check_inputs_exist,
+    evaluate_export,
+    evaluator,
+    export_trained_student,
+    log_rank0,
+    use_demo_assets,
+    write_results,
+)
+from nemo_opd.rollout.engine import SamplingParams
+from nemo_opd.runtime import ParallelConfig, distributed_runtime, runtime_device
+
+logger = logging.getLogger("onpolicy_qat")
+
+
+def onpolicy_qat(
+    model: ModelConfig,
+    data: DataConfig,
+    quant: QuantConfig,
+    distill: DistillConfig,
+    sampling: SamplingParams,
+    optim: OptimConfig,
+    checkpoint: CheckpointConfig,
+    logging: LoggingConfig,  # RunConfig's field name; the module logger is `logger`
+    evaluation: EvalPlan,
+    export: ExportPlan,
+    output_dir: str = "runs/onpolicy_qat",
+    eval_every: int = 0,
+    seed: int = 1234,
+    demo_dir: str = "runs/demo_assets",
+) -> dict[str, Any]:
+    """Quantize ``model.student`` (``quant.format``), distill it from the teacher on-policy,
+    evaluate teacher / PTQ / student / export, and write the results table.
+
+    All parameters but ``evaluation``, ``export`` and ``demo_dir`` are the fields of
+    :class:`nemo_opd.config.RunConfig`; paths
+    equal to ``"<demo>"`` are filled with the built-in demo's cached assets (made in
+    ``demo_dir`` on first use). Returns the results table (also in
+    ``<output_dir>/results.json``).
+    """
+    from nemo_opd.train import run_distillation
+    from nemo_opd.train.setup import (
+        build_student,
+        build_teacher,
+        calibration_batches,
+        load_examples,
+        load_tokenizer,
+        teacher_groups,
+    )
+
+    with distributed_runtime(model.student_parallel, seed=seed):
+        # 1. The config. The demo's teacher is trained and cached the first time only.
+        model, data, evaluation = use_demo_assets(model, data, evaluation, demo_dir)
+        cfg = RunConfig(model=model, data=data, quant=quant, distill=distill, sampling=sampling,
+                        optim=optim, checkpoint=checkpoint, logging=logging,
+                        output_dir=output_dir, eval_every=eval_every, seed=seed)
+        check_inputs_exist(cfg)  # a missing model or data file fails before any weight loads
+        tokenizer = load_tokenizer(cfg.model.tokenizer_path)
+        evaluate = evaluator(evaluation, tokenizer)
+        records = []
+
+        # 2. Baselines: the full-precision teacher, then the student quantized but not trained.
+        # One model at a time: each is freed before the next loads.
+        teacher = build_teacher(cfg, teacher_groups(cfg)[0])
+        records.append(evaluate(teacher, run_name="teacher", role="teacher"))
+        del teacher
+        examples, _ = load_examples(cfg, tokenizer)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
+            else tokenizer.eos_token_id  # the trainer's rule, so PTQ = its initial student
+        ptq = build_student(cfg, calibration_batches(cfg, examples, pad_id))
+        records.append(evaluate(ptq, run_name=f"PTQ {cfg.quant.format}", role="ptq"))
+        del ptq
+
+        # 3. Distillation. The hook evaluates every `eval_every` steps and after the last one;
+        # that last call also exports the trained student while it is in memory.
+        exported: list[Path] = []
+
+        def eval_hook(student: Any, steps_done: int) -> dict[str, float]:
+            record = evaluate(student, run_name=f"student step {steps_done}", role="student")
+            if steps_done == cfg.total_steps:
+                records.append({**record, "run": f"on-policy QAT ({cfg.quant.format})"})
+                if export.enabled:
+                    exported.extend(export_trained_student(student, cfg, export))
+            return {f"eval/{k}": v["value"] for k, v in record["tasks"].items()}
+
+        result = run_distillation(cfg, eval_hook=eval_hook)
+        log_rank0(logger, "distilled %d steps; last checkpoint %s", result.steps_done,
+                  result.last_checkpoint)
+
+        # 4. The deployable artifact, through lm-eval's HF model on the dequantised export.
+        if exported:
+            records.append(evaluate_export(exported[0], evaluation, runtime_device()))
+
+        # 5. The seeds' table.
+        return write_results(records, Path(cfg.output_dir), history=result.evaluations)
+
+
+# ------------------------------------------------------------------------------------ presets
+
+
+def _preset(**sections: Any) -> run.Partial:
+    """``run.Partial(onpolicy_qat, ...)``: ``sections`` over the defaults, every section a
+    nested ``run.Config`` (so each field is a dotted override)."""
+    defaults = {"quant": QuantConfig(), "distill": DistillConfig(),
+                "sampling": SamplingParams(max_new_tokens=128), "optim": OptimConfig(),
+                "checkpoint": CheckpointConfig(), "logging": LoggingConfig(),
+                "evaluation": EvalPlan(), "export": ExportPlan()}
+    return run.Partial(onpolicy_qat, **{name: config_tree(value)
+                                        for name, value in {**defaults, **sections}.items()})
+
+
+@run.cli.factory(target=onpolicy_qat)
+def tiny() -> run.Partial:
+    """Built-in CPU demo: the demo's tiny teacher (cached), INT4 student, on-policy reverse KL."""
+    return _preset(
+        model=ModelConfig(student=DEMO, teacher=DEMO),
+        data=DataConfig(train_files=(DEMO,), max_prompt_length=64, max_response_length=32),
+        quant=QuantConfig(format="int4", calibration_batches=4),
+        distill=DistillConfig(beta=1.0, lmbda=1.0, temperature=1.0),
+        sampling=SamplingParams(max_new_tokens=32, temperature=1.0),
+        optim=OptimConfig(lr=1e-4, steps=40, warmup_steps=2, micro_batch_size=8),
+        checkpoint=CheckpointConfig(resume=False),
+        logging=LoggingConfig(tensorboard=False),
+        output_dir="runs/onpolicy_qat_tiny",
+        evaluation=EvalPlan(tasks=(), limit=None),
+        export=ExportPlan(enabled=True),
+    )
+
+
+def _real_model(student: str, fmt: str, tp: int, train_files: str) -> run.Partial:
+    """A real model on GPUs: bf16, self-distillation from the bf16 original (seeds 000-002),
+    on-policy reverse KL (λ=1, β=1), the seeds' HellaSwag/ARC/WinoGrande/MMLU suite."""
+    layout = ParallelConfig(tensor_model_parallel_size=tp)
+    return _preset(
+        model=ModelConfig(student=student, student_parallel=layout, teacher_parallel=layout,
+                          student_dtype="bfloat16", teacher_dtype="bfloat16"),
+        data=DataConfig(train_files=(train_files,), max_prompt_length=512,
+                        max_response_length=256),
+        quant=QuantConfig(format=fmt, calibration_batches=16),
+        distill=DistillConfig(beta=1.0, lmbda=1.0),
+        sampling=SamplingParams(max_new_tokens=256, temperature=1.0),
+        optim=OptimConfig(lr=1e-5, warmup_steps=10, steps=300, micro_batch_size=4,
+                          grad_accumulation=2),
+        checkpoint=CheckpointConfig(save_every=50, keep_last=2),
+        output_dir=f"runs/onpolicy_qat_{Path(student).name.lower()}_{fmt}",
+        eval_every=100,
+        evaluation=EvalPlan(tasks=("seed",), limit=None),
+        export=ExportPlan(enabled=tp == 1),
+    )
+
+
+@run.cli.factory(target=onpolicy_qat)
+def qwen3_4b_int4() -> run.Partial:
+    """Qwen3-4B, INT4 weights (block 128; TensorRT-LLM on Hopper), TP=1, from local HF dirs."""
+    return _real_model("/models/Qwen3-4B", "int4", tp=1, train_files="/data/prompts.jsonl")
+
+
+@run.cli.factory(target=onpolicy_qat)
+def llama31_8b_mxfp4() -> run.Partial:
+    """Llama-3.1-8B-Instruct, MXFP4 weights (served on Blackwell), TP=2, local HF dirs."""
+    return _real_model("/models/Llama-3.1-8B-Instruct", "mxfp4", tp=2,
+                       train_files="/data/prompts.jsonl")
+
+
+def check(kwargs: dict[str, Any], executor: run.Executor | None) -> None:
+    """Before anything is submitted: the whole config is valid and the executor's ranks are a
+    multiple of the student's TP × PP."""
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    cfg = RunConfig(**{k: v for k, v in kwargs.items() if k in fields})
+    check_world_fits(executor, cfg.model.student_parallel)
+
+
+if __name__ == "__main__":
+    recipe_main(onpolicy_qat, default_preset=tiny, check=check)
