@@ -63,6 +63,7 @@ __all__ = [
     "TOKENIZER_FILES",
     "weight_format",
     "student_weight_codes",
+    "modelopt_exporter_class",
     "export_student",
 ]
 
@@ -343,7 +344,7 @@ def _student_hf_tensors(model: torch.nn.Module) -> dict[str, QuantizedWeight]:
 # ------------------------------------------------------------------ ModelOpt's exporter
 
 
-def _modelopt_exporter_class() -> type:
+def modelopt_exporter_class() -> type:
     """ModelOpt's ``GPTModelExporter``, importable with megatron-core 0.16.
 
     ModelOpt 0.47's ``unified_export_megatron`` imports ``HybridModel`` from
@@ -403,38 +404,34 @@ def _replace_quantized_tensors(layer_state_dicts: dict[int, dict[str, torch.Tens
     return total, code_mismatches, scale_mismatches
 
 
-def _write_quant_config_if_missing(exporter: Any, export_dir: Path, fmt: WeightFormat,
-                                   block_size: int | None) -> None:
-    """ModelOpt's megatron exporter writes ``hf_quant_config.json`` only for FP8 and NVFP4.
+def _write_quant_config(exporter: Any, export_dir: Path, fmt: WeightFormat,
+                        block_size: int | None) -> None:
+    """``hf_quant_config.json`` for INT4 and MXFP4, which ModelOpt's megatron exporter skips.
 
-    For INT4 and MXFP4 we write it from the exporter's per-layer records, with the names
-    ModelOpt's HF exporter uses (``W4A16_AWQ``) or TensorRT-LLM's ``QuantAlgo`` (``W4A16_MXFP4``;
-    ModelOpt has none for dense MXFP4 weights), and mirror it into ``config.json`` as
-    ``export_mcore_gpt_to_hf`` does for the formats it covers.
+    ``GPTModelExporter.save_pretrained`` writes it (and ``config.json``'s
+    ``quantization_config``) only for FP8 and NVFP4. For INT4 we use the name ModelOpt's HF
+    exporter gives blockwise INT4 (``W4A16_AWQ``; ``pre_quant_scale`` false: the student has
+    none, so none is exported); for MXFP4 weights TensorRT-LLM's ``QuantAlgo.W4A16_MXFP4``
+    (ModelOpt has no name for dense MXFP4 weights). ``config.json`` gets the same fields as
+    ``quantization_config`` (ModelOpt's ``convert_hf_quant_config_format`` knows only FP8/NVFP4).
     """
     from modelopt import __version__
-    from modelopt.torch.export.convert_hf_config import convert_hf_quant_config_format
 
-    path = export_dir / "hf_quant_config.json"
-    if path.exists():
+    if fmt not in ("int4", "mxfp4"):
         return
     quantization: dict[str, Any] = (
-        # No AWQ here: the student has no pre-quant scales, so none are exported.
         {"quant_algo": "W4A16_AWQ", "group_size": block_size, "has_zero_point": False,
          "pre_quant_scale": False} if fmt == "int4"
         else {"quant_algo": "W4A16_MXFP4", "group_size": block_size})
     quantization["exclude_modules"] = sorted(exporter.exclude_modules)
     quantization["kv_cache_quant_algo"] = None
-    config = {"producer": {"name": "modelopt", "version": __version__},
-              "quantization": quantization}
-    path.write_text(json.dumps(config, indent=4))
+    producer = {"name": "modelopt", "version": __version__}
+    (export_dir / "hf_quant_config.json").write_text(
+        json.dumps({"producer": producer, "quantization": quantization}, indent=4))
     config_path = export_dir / "config.json"
     hf_config = json.loads(config_path.read_text())
-    if fmt == "int4":
-        hf_config["quantization_config"] = convert_hf_quant_config_format(config)
-    else:  # convert_hf_quant_config_format does not know MXFP4: keep ModelOpt's plain form
-        hf_config["quantization_config"] = {**quantization, "quant_method": "modelopt",
-                                            "producer": config["producer"]}
+    hf_config["quantization_config"] = {**quantization, "quant_method": "modelopt",
+                                        "producer": producer}
     config_path.write_text(json.dumps(hf_config, indent=4))
 
 
@@ -503,14 +500,14 @@ def export_student(model: torch.nn.Module, hf_model_dir: str | Path, export_dir:
         merge_lora(model)
     student = _student_hf_tensors(model)
 
-    exporter = _modelopt_exporter_class()(model, str(hf_model_dir), dtype=dtype)
+    exporter = modelopt_exporter_class()(model, str(hf_model_dir), dtype=dtype)
     total, code_mismatches, scale_mismatches = _replace_quantized_tensors(
         exporter.layer_state_dicts, student)
     export_dir.mkdir(parents=True, exist_ok=True)
     exporter.save_pretrained(str(export_dir), str(hf_model_dir))
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         block_size = next(iter(student.values())).block_size
-        _write_quant_config_if_missing(exporter, export_dir, fmt, block_size)
+        _write_quant_config(exporter, export_dir, fmt, block_size)
         if tokenizer_dir is not None:
             for name in TOKENIZER_FILES:
                 if (Path(tokenizer_dir) / name).is_file():
