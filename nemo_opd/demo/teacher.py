@@ -1,0 +1,185 @@
+"""Train the demo's tiny teacher: plain next-token cross-entropy on the task's training text.
+
+``python -m nemo_opd.demo.teacher OUT_DIR`` writes an HF model directory (``save_pretrained``:
+``config.json``, ``model.safetensors``, tokenizer files) that :func:`nemo_opd.models.load_hf_gpt`
+imports. The run is deterministic for a given :class:`TeacherConfig` and task on one torch build
+(seeded initialisation, batch order and no dropout; one CPU thread); weights are saved in bf16.
+``--ship`` also refreshes the
+copy shipped in ``nemo_opd/demo/assets`` that :func:`nemo_opd.demo.prepare_demo` starts from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from nemo_opd.demo.task import AdditionTask, make_task_tokenizer, train_records
+from nemo_opd.models.tiny import TinyModelSpec, make_tiny_hf_model
+
+__all__ = ["TRAINER_VERSION", "TeacherConfig", "TeacherRun", "train_teacher", "main"]
+
+logger = logging.getLogger(__name__)
+
+TRAINER_VERSION = 1
+"""Bump when training changes what a config produces: cached teachers are keyed on it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherConfig:
+    """Shape and training schedule of the demo teacher."""
+
+    family: str = "llama"
+    """Tiny model family (:data:`nemo_opd.models.tiny.TINY_FAMILIES`)."""
+    hidden_size: int = 256
+    """Hidden size; a multiple of 128 so INT4's 128-element blocks fit at TP=1 and TP=2."""
+    intermediate_size: int = 512
+    """MLP (SwiGLU) width; a multiple of 256 for the same reason."""
+    num_layers: int = 2
+    """Transformer layers."""
+    steps: int = 3000
+    """Optimizer steps."""
+    batch_size: int = 64
+    """Sequences per step, drawn with replacement from the training problems."""
+    lr: float = 2e-3
+    """Peak AdamW learning rate (linear warmup, cosine decay to zero)."""
+    warmup_steps: int = 50
+    """Linear warmup steps (< steps)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    seed: int = 0
+    """Seed of the initialisation and the batch order."""
+    log_every: int = 100
+    """Log the loss every this many steps."""
+
+    def __post_init__(self) -> None:
+        from nemo_opd.models.tiny import TINY_FAMILIES
+
+        if self.family not in TINY_FAMILIES:
+            raise ValueError(f"TeacherConfig.family must be one of {TINY_FAMILIES}, "
+                             f"got {self.family!r}")
+        for name, multiple in (("hidden_size", 128), ("intermediate_size", 256)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0 or value % multiple:
+                raise ValueError(f"TeacherConfig.{name} must be a positive multiple of "
+                                 f"{multiple}, got {value!r}")
+        for name in ("num_layers", "steps", "batch_size", "log_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"TeacherConfig.{name} must be an int >= 1, "
+                                 f"got {getattr(self, name)!r}")
+        if not isinstance(self.warmup_steps, int) or not 0 <= self.warmup_steps < self.steps:
+            raise ValueError(f"TeacherConfig.warmup_steps must be an int in [0, steps), "
+                             f"got {self.warmup_steps!r}")
+        if not self.lr > 0 or not math.isfinite(self.lr):
+            raise ValueError(f"TeacherConfig.lr must be a finite number > 0, got {self.lr!r}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"TeacherConfig.weight_decay must be >= 0, "
+                             f"got {self.weight_decay!r}")
+
+    @property
+    def spec(self) -> TinyModelSpec:
+        """The tiny model's shape (4 heads, 2 KV heads: TP=2 fits)."""
+        return TinyModelSpec(hidden_size=self.hidden_size,
+                             intermediate_size=self.intermediate_size,
+                             num_hidden_layers=self.num_layers, max_position_embeddings=64)
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherRun:
+    """What :func:`train_teacher` produced."""
+
+    model_dir: Path
+    """The HF model directory (weights + tokenizer)."""
+    train_seconds: float
+    """Wall time of the optimisation loop."""
+    final_loss: float
+    """Mean training loss (per answer token) over the last ``log_every`` steps."""
+
+
+def _lr_at(step: int, cfg: TeacherConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def train_teacher(out_dir: str | Path, task: AdditionTask | None = None,
+                  cfg: TeacherConfig | None = None) -> TeacherRun:
+    """Train a teacher for ``task`` with ``cfg`` and ``save_pretrained`` it to ``out_dir``.
+
+    Loss: mean next-token cross-entropy over the answer tokens and the EOS that ends them (the
+    prompt is context only), the trainer's convention for ``{"prompt", "response"}`` data.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from nemo_opd.demo.score import encode_pairs
+
+    task = task or AdditionTask()
+    cfg = cfg or TeacherConfig()
+    out_dir = Path(out_dir)
+    tokenizer = make_task_tokenizer(task)
+    records = train_records(task)
+    ids, prompt_len = encode_pairs(tokenizer, [(r["prompt"], r["response"]) for r in records])
+    # Random initialisation (seeded) and tokenizer written first, then trained in place.
+    make_tiny_hf_model(out_dir, cfg.family, cfg.spec, seed=cfg.seed, tokenizer=tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  betas=(0.9, 0.98))
+    order = torch.Generator().manual_seed(cfg.seed)
+    logger.info("training the demo teacher (%s, %d layers, hidden %d) on %d problems for %d "
+                "steps", cfg.family, cfg.num_layers, cfg.hidden_size, len(records), cfg.steps)
+    start, recent = time.perf_counter(), []
+    for step in range(cfg.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, cfg)
+        batch = ids[torch.randint(len(ids), (cfg.batch_size,), generator=order)]
+        logits = model(input_ids=batch).logits[:, prompt_len - 1:-1]
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1),
+                                                 batch[:, prompt_len:].flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        recent = [*recent[-(cfg.log_every - 1):], loss.item()]
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            logger.info("teacher step %d/%d  loss %.4f  (%.0f s)", step + 1, cfg.steps,
+                        sum(recent) / len(recent), time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    # Stored in bf16, as released checkpoints are (and small enough to ship); loaders upcast.
+    model.to(torch.bfloat16).save_pretrained(out_dir)
+    return TeacherRun(out_dir, seconds, sum(recent) / len(recent))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m nemo_opd.demo.teacher OUT_DIR [--steps N] [--ship]``."""
+    from nemo_opd.demo.assets import record_teacher, ship_teacher
+
+    parser = argparse.ArgumentParser(prog="python -m nemo_opd.demo.teacher",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", type=Path, help="where the HF teacher directory is written")
+    parser.add_argument("--steps", type=int, default=TeacherConfig.steps,
+                        help="optimizer steps (default: %(default)s)")
+    parser.add_argument("--ship", action="store_true",
+                        help="also copy the result into nemo_opd/demo/assets (default config "
+                             "only)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(1)
+    cfg = dataclasses.replace(TeacherConfig(), steps=args.steps)
+    run = record_teacher(args.out_dir, AdditionTask(), cfg)
+    logger.info("teacher written to %s in %.0f s (final loss %.4f)", run.model_dir,
+                run.train_seconds, run.final_loss)
+    if args.ship:
+        if cfg != TeacherConfig():
+            parser.error("--ship needs the default configuration (no --steps)")
+        logger.info("shipped copy: %s", ship_teacher(run.model_dir))
+
+
+if __name__ == "__main__":
+    main()
