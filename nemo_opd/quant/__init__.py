@@ -18,6 +18,14 @@ if TYPE_CHECKING:
         enable_cpu_quant_backend,
         register_cpu_quant_backend,
     )
+    from nemo_opd.quant.export import ExportResult, export_student, student_weight_codes
+    from nemo_opd.quant.lora import (
+        LoraConfig,
+        add_lora,
+        has_lora_adapters,
+        lora_parameters,
+        merge_lora,
+    )
     from nemo_opd.quant.mx_numerics import mx_fake_quant, nvfp4_fake_quant
 
 # Resolved on first use: cpu_backend imports ModelOpt (seconds), which light modules of this
@@ -30,6 +38,14 @@ _EXPORTS = {
     "register_cpu_quant_backend": "cpu_backend",
     "mx_fake_quant": "mx_numerics",
     "nvfp4_fake_quant": "mx_numerics",
+    "ExportResult": "export",
+    "export_student": "export",
+    "student_weight_codes": "export",
+    "LoraConfig": "lora",
+    "add_lora": "lora",
+    "has_lora_adapters": "lora",
+    "lora_parameters": "lora",
+    "merge_lora": "lora",
 }
 
 __all__ = [
@@ -40,6 +56,14 @@ __all__ = [
     "mx_fake_quant",
     "nvfp4_fake_quant",
     "register_cpu_quant_backend",
+    "ExportResult",
+    "export_student",
+    "student_weight_codes",
+    "LoraConfig",
+    "add_lora",
+    "has_lora_adapters",
+    "lora_parameters",
+    "merge_lora",
 ]
 
 
