@@ -65,6 +65,9 @@ def test_rollout_batch_rejects_mismatched_shapes():
         RolloutBatch(**{**ok, "logprobs": torch.zeros(2, 4)})
     with pytest.raises(ValueError, match=r"RolloutBatch.lengths must have shape \(2,\)"):
         RolloutBatch(**{**ok, "lengths": torch.zeros(3)})
+    with pytest.raises(ValueError, match="RolloutBatch.samples_per_prompt must be an int >= 1 "
+                                         "dividing the 2 rows, got 3"):
+        RolloutBatch(**ok, samples_per_prompt=3)
     with pytest.raises(ValueError, match="RolloutBatch.logprob_kind"):
         RolloutBatch(**{**ok, "logprob_kind": "greedy"})
 
@@ -196,7 +199,7 @@ def _teacher_forced(model, batch: RolloutBatch, params: SamplingParams,
 def _check_batch_layout(batch: RolloutBatch, prompts, prefixes, params: SamplingParams,
                         stop_ids) -> None:
     rows = len(prompts) * params.n
-    assert batch.tokens.shape[0] == rows
+    assert batch.tokens.shape[0] == rows and batch.samples_per_prompt == params.n
     for r in range(rows):
         prompt, prefix = prompts[r // params.n], prefixes[r // params.n]
         start, end = len(prompt) + len(prefix), int(batch.lengths[r])
@@ -354,6 +357,7 @@ def _teacher_seeded_checks(student, teacher, prompts) -> dict:
     student_alone = student.generate(prompts, dataclasses.replace(
         params, max_new_tokens=MAX_NEW - n_prefix), forced_prefixes=prefixes)
     assert batch.prefix_lengths.tolist() == [n_prefix] * len(prompts)
+    assert batch.samples_per_prompt == 1
     assert torch.equal(batch.tokens, student_alone.tokens)
     assert torch.equal(batch.loss_mask, batch.generated_mask())
     assert int(batch.response_lengths.max()) <= MAX_NEW - n_prefix

@@ -117,6 +117,7 @@ class RolloutBatch:
     Row ``r`` holds ``tokens[r, :lengths[r]]`` = prompt (``prompt_lengths[r]`` tokens), then the
     forced prefix (``prefix_lengths[r]``), then the tokens the engine wrote
     (``lengths - prompt_lengths - prefix_lengths``); positions ``>= lengths[r]`` hold ``pad_id``.
+    All tensors live on the engine's device.
     """
 
     tokens: torch.Tensor
@@ -141,6 +142,8 @@ class RolloutBatch:
     generation_seconds: float
     """Wall time of the call that produced the batch (in teacher-seeded rollouts: the teacher's
     prefix generation included)."""
+    samples_per_prompt: int = 1
+    """``n``: rows ``i * n .. i * n + n - 1`` continue prompt ``i``."""
 
     def __post_init__(self) -> None:
         rows, length = self.tokens.shape
@@ -152,6 +155,10 @@ class RolloutBatch:
             if tuple(getattr(self, name).shape) != (rows, length):
                 raise ValueError(f"RolloutBatch.{name} must have shape ({rows}, {length}), "
                                  f"got {tuple(getattr(self, name).shape)}")
+        if not isinstance(self.samples_per_prompt, int) or self.samples_per_prompt < 1 \
+                or rows % self.samples_per_prompt:
+            raise ValueError(f"RolloutBatch.samples_per_prompt must be an int >= 1 dividing the "
+                             f"{rows} rows, got {self.samples_per_prompt!r}")
         if self.logprob_kind not in _LOGPROB_KINDS:
             raise ValueError(f"RolloutBatch.logprob_kind must be one of {_LOGPROB_KINDS}, got "
                              f"{self.logprob_kind!r}")

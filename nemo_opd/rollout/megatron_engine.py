@@ -139,7 +139,7 @@ class MegatronEngine:
                     "it out (data max_prompt_length)")
         return [list(p) for p in forced_prefixes]
 
-    def _agree_across_tp(self, prompts: list[list[int]], prefixes: list[list[int]],
+    def _agree_across_tp(self, prompts: list[list[int]], prefixes: list[list[int]] | None,
                          params: SamplingParams, device: torch.device) -> int:
         """The sampling seed, after checking every TP rank asked for the same rollouts.
 
@@ -253,10 +253,11 @@ class MegatronEngine:
         """
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
-        prefixes = self._check_inputs(prompts, forced_prefixes)
         started = time.perf_counter()
         device = next(self.model.parameters()).device
-        seed = self._agree_across_tp(prompts, prefixes, params, device)
+        # Agree first: a rank whose inputs fail the checks must not leave the others waiting.
+        seed = self._agree_across_tp(prompts, forced_prefixes, params, device)
+        prefixes = self._check_inputs(prompts, forced_prefixes)
         stop_ids = sorted(set(params.stop_token_ids) | ({self.eos_id} - {None}))
         expanded = [(list(p), q) for p, q in zip(prompts, prefixes, strict=True)
                     for _ in range(params.n)]
@@ -282,6 +283,7 @@ class MegatronEngine:
             stopped=stopped,
             pad_id=self.pad_id,
             generation_seconds=time.perf_counter() - started,
+            samples_per_prompt=params.n,
         )
         batch.loss_mask = batch.generated_mask()
         logger.debug("generated %d tokens in %.3f s (%.1f tokens/s)", batch.num_generated_tokens,

@@ -121,6 +121,7 @@ class TeacherSeededRollouts:
                              f"student engine {batch.logprob_kind!r}; they must agree")
         prefix_mask = batch.prefix_mask()
         width = min(batch.tokens.shape[1], seeded.logprobs.shape[1])
+        batch.samples_per_prompt = params.n
         batch.logprobs[:, :width] = torch.where(prefix_mask[:, :width],
                                                 seeded.logprobs[:, :width].to(batch.logprobs),
                                                 batch.logprobs[:, :width])
