@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 from megatron.core.inference.contexts.static_context import StaticInferenceContext
 
-from nemo_opd.rollout.engine import RolloutBatch, SamplingParams
+from nemo_opd.rollout.engine import LogprobKind, RolloutBatch, SamplingParams
 from nemo_opd.rollout.sampling import sample_tokens
 
 __all__ = ["MegatronEngine"]
@@ -165,12 +165,12 @@ class MegatronEngine:
     # ------------------------------------------------------------------ generation
 
     def _next_logits(self, cache: StaticInferenceContext | None, tokens: torch.Tensor,
-                     slots_rows: torch.Tensor, start: int, end: int) -> torch.Tensor:
-        """``[k, V]`` float32 logits of position ``end`` for rows ``slots_rows`` (cache order),
+                     rows_in_cache_order: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """``[k, V]`` float32 logits predicting position ``end`` for ``rows_in_cache_order``,
         feeding positions ``[start, end)`` (with a cache) or ``[0, end)`` (without)."""
         if cache is None:
             start = 0
-        ids = tokens[slots_rows, start:end]
+        ids = tokens[rows_in_cache_order, start:end]
         positions = torch.arange(start, end, device=ids.device).expand_as(ids)
         logits = self.model(ids, positions, None, inference_context=cache,
                             runtime_gather_output=True)
@@ -183,7 +183,8 @@ class MegatronEngine:
     def _generate_rows(self, contexts: list[list[int]], prefix_stopped: torch.Tensor,
                        params: SamplingParams, stop_ids: list[int], seed: int,
                        device: torch.device
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, str]:
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                  LogprobKind]:
         """Tokens ``[R, T]``, log-probs ``[R, T]``, lengths ``[R]``, stopped ``[R]`` and the
         log-prob kind for rows continuing ``contexts``; rows flagged in ``prefix_stopped``
         (a forced prefix that ends with a stop id) are complete already."""
@@ -200,7 +201,7 @@ class MegatronEngine:
         done = stopped.clone()
         written = torch.zeros(rows, dtype=torch.int64, device=device)
         generator = torch.Generator(device=device).manual_seed(seed)
-        kind = "raw" if params.greedy else params.logprobs
+        kind: LogprobKind = "raw" if params.greedy else params.logprobs
 
         cache = (StaticInferenceContext(max_batch_size=rows, max_sequence_length=total)
                  if self.use_kv_cache else None)

@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import torch
 
-from nemo_opd.rollout.engine import SamplingParams
+from nemo_opd.rollout.engine import LogprobKind, SamplingParams
 
 __all__ = ["SampledTokens", "filter_logits", "sample_tokens"]
 
@@ -25,7 +25,7 @@ class SampledTokens(NamedTuple):
     """``[rows]`` int64."""
     logprobs: torch.Tensor
     """``[rows]`` float32: log-prob of ``tokens`` (kind as returned in ``kind``)."""
-    kind: str
+    kind: LogprobKind
     """``"sampling"`` or ``"raw"`` (:data:`~nemo_opd.rollout.engine.LogprobKind`)."""
 
 
