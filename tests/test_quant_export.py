@@ -105,7 +105,7 @@ def fake_quantized_weights(model) -> dict[str, torch.Tensor]:
 def code_mismatches(fmt: str, tensors: dict, reference: dict[str, torch.Tensor]) -> tuple[int, int]:
     """(elements whose exported value is another grid point than the student's, elements).
 
-    Adjacent grid points differ by >= 1/8 of the value (E4M3) or more; the student's weight is
+    Adjacent grid points differ by >= 1/16 of the value (E4M3 1.875 vs 2); the student's weight is
     its grid value rounded to fp32 / bf16 (<= 2^-9 relative), so any difference above 2^-6
     relative is a different code.
     """

@@ -77,7 +77,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 """Files copied from ``tokenizer_dir`` into the export (those that exist)."""
 
 # A decoded code may sit this far (in units of max(|code|, smallest nonzero code)) from its grid
-# point: w_q rounded to bf16 is off by <= 2^-9 relative; adjacent grid points are >= 1/4 apart.
+# point: w_q rounded to bf16 is off by <= 2^-9 relative; adjacent grid points are
+# >= 1/16 apart relative (E4M3 1.875 vs 2), so half a gap is 1/32 > the tolerance.
 _DECODE_TOLERANCE = 2.0**-6
 _SMALLEST_CODE = {"int4": 1.0, "fp8": 2.0**-9, "mxfp4": 0.5, "nvfp4": 0.5}
 _E2M1_GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
