@@ -34,7 +34,6 @@ from nemo_opd.models.checkpoint import load_model_checkpoint, save_model_checkpo
 from nemo_opd.train.optim import (
     init_optimizer_state,
     optimizer_sharded_state,
-    restore_optimizer_step_count,
 )
 
 __all__ = ["CHECKPOINT_PREFIX", "save_checkpoint", "load_checkpoint", "latest_checkpoint",
@@ -143,8 +142,9 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module,
     init_optimizer_state(optimizer)
     loaded = dist_checkpointing.load(optimizer_sharded_state(model, optimizer),
                                      str(path / "optimizer"))
+    for param_state in loaded["state"].values():  # AdamW's step counts were not saved
+        param_state["step"] = torch.tensor(float(meta["step"]), dtype=torch.float32)
     optimizer.load_state_dict(loaded)
-    restore_optimizer_step_count(optimizer, int(meta["step"]))
     trainer_state = torch.load(path / "trainer" / f"rank_{_rank():05d}.pt", weights_only=False)
     logger.info("resumed from %s (step %d)", path, meta["step"])
     return model, optimizer, trainer_state, meta

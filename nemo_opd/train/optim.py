@@ -40,7 +40,6 @@ __all__ = [
     "clip_gradients",
     "init_optimizer_state",
     "optimizer_sharded_state",
-    "restore_optimizer_step_count",
     "data_parallel_group",
 ]
 
@@ -128,20 +127,13 @@ def init_optimizer_state(optimizer: torch.optim.AdamW) -> None:
 def optimizer_sharded_state(model: torch.nn.Module, optimizer: torch.optim.AdamW) -> dict:
     """The optimizer state dict with each moment buffer as a megatron ``ShardedTensor`` sharded
     like its parameter. AdamW's per-parameter ``step`` counts are left out (they are not shaped
-    like parameters); :func:`restore_optimizer_step_count` puts them back from the trainer's
-    step counter."""
+    like parameters); loading puts them back from the checkpoint's step counter."""
     init_optimizer_state(optimizer)
     state = optimizer.state_dict()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     id_map = get_param_id_to_sharded_param_map(model.sharded_state_dict(), params)
     optim_state_to_sharding_state(state, id_map, exclude_keys=("step",))
     return state
-
-
-def restore_optimizer_step_count(optimizer: torch.optim.AdamW, steps: int) -> None:
-    """Set every parameter's AdamW step (bias correction) to ``steps``."""
-    for param_state in optimizer.state.values():
-        param_state["step"] = torch.tensor(float(steps), dtype=torch.float32)
 
 
 def data_parallel_group() -> dist.ProcessGroup | None:
