@@ -22,6 +22,7 @@ resumes from the newest checkpoint in the run's checkpoint directory.
 
 import os
 import re
+import sys
 
 import nemo_run as run
 
@@ -77,8 +78,11 @@ def local_executor(nproc_per_node: int = 1, env_vars: str = "") -> run.LocalExec
     """torchrun with ``nproc_per_node`` processes on this machine (GPUs when present, else
     CPU ranks over gloo)."""
     _positive("nproc_per_node", nproc_per_node)
+    # torchrun from this interpreter's environment, also when it is not activated (a plain
+    # `.venv/bin/python recipe.py` leaves the venv's bin/ off PATH).
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
     return run.LocalExecutor(ntasks_per_node=nproc_per_node, launcher="torchrun",
-                             env_vars={"OMP_NUM_THREADS": "1", **_env(env_vars)})
+                             env_vars={"OMP_NUM_THREADS": "1", "PATH": path, **_env(env_vars)})
 
 
 def slurm_executor(

@@ -46,6 +46,9 @@ __all__ = [
     "override_fields",
     "apply_overrides",
     "parse_value",
+    "presets",
+    "resolve_preset",
+    "built_arguments",
     "render_sbatch",
     "recipe_main",
     "RecipeError",
@@ -226,6 +229,14 @@ def apply_overrides(tree: fdl.Buildable, args: list[str]) -> None:
             raise RecipeError(f"{key}={text!r}: {err}") from err
 
 
+def built_arguments(task: run.Partial) -> dict[str, Any]:
+    """Every argument ``task`` would call its function with: built values (dataclass checks
+    run here) and the function's defaults for the rest."""
+    bound = inspect.signature(task.__fn_or_cls__).bind_partial(**fdl.build(task).keywords)
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
 def render_sbatch(task: run.Partial, executor: run.SlurmExecutor, name: str) -> str:
     """The sbatch script NeMo-Run would submit for ``task`` on ``executor``, without submitting
     (NeMo-Run's dry run, quiet, its experiment directory removed afterwards)."""
@@ -252,23 +263,23 @@ def _preset_name_from_argv(argv: list[str]) -> str | None:
     return None
 
 
-def _presets(fn: Callable) -> dict[str, Callable[[], run.Partial]]:
+def presets(fn: Callable) -> dict[str, Callable[[], run.Partial]]:
     """The recipe's presets: NeMo-Run factories registered with ``target=fn``."""
     return {f.__name__: f for f in run.cli.list_factories(get_type_namespace(fn))}
 
 
-def _preset(fn: Callable, name: str | Callable | None, default: Callable) -> run.Partial:
+def resolve_preset(fn: Callable, name: str | Callable | None, default: Callable) -> run.Partial:
     """The preset's task tree; an unknown name raises with the closest preset names."""
     if name is None:
         return default()
     if callable(name):
         return name()
-    presets = _presets(fn)
-    if name not in presets:
-        close = difflib.get_close_matches(name, presets, n=3, cutoff=0.5)
+    known = presets(fn)
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise RecipeError(f"unknown preset {name!r}{hint} (presets: {', '.join(sorted(presets))})")
-    return presets[name]()
+        raise RecipeError(f"unknown preset {name!r}{hint} (presets: {', '.join(sorted(known))})")
+    return known[name]()
 
 
 def _format_fields(tree: run.Partial) -> str:
@@ -282,7 +293,8 @@ def _format_fields(tree: run.Partial) -> str:
 
 
 def recipe_main(fn: Callable, *, default_preset: Callable[[], run.Partial],
-                check: Callable[[dict[str, Any], run.Executor | None], None]) -> None:
+                check: Callable[[dict[str, Any], run.Executor | None], None],
+                entrypoint_type: str = "task") -> None:
     """Run recipe ``fn`` from the command line (``python recipe.py`` / ``nemo run recipe.py``).
 
     Args:
@@ -290,6 +302,8 @@ def recipe_main(fn: Callable, *, default_preset: Callable[[], run.Partial],
         default_preset: the factory used without ``--factory``.
         check: ``check(built_kwargs, executor)`` raising ``ValueError`` when the built sections
             cannot run on ``executor`` (None: in-process); runs before submission.
+        entrypoint_type: "task" (NeMo-Run runs ``fn`` on the executor) or "experiment" (``fn``
+            runs here and takes the run context as ``ctx``, e.g. to launch an Experiment).
     """
 
     class RecipeRunContext(RunContext):
@@ -302,28 +316,30 @@ def recipe_main(fn: Callable, *, default_preset: Callable[[], run.Partial],
         def parse_fn(self, fn: Callable, args: list[str], **default_kwargs: Any) -> run.Partial:
             # NeMo-Run parses no recipe argument (see _type_hints): it has handled run.* and
             # the preset is resolved here; the overrides are applied by apply_overrides.
-            task = _preset(fn, self.factory, default_preset)
+            task = resolve_preset(fn, self.factory, default_preset)
             apply_overrides(task, args)
             try:
-                check(fdl.build(task).keywords, self.executor)
+                check(built_arguments(task), self.executor)
             except (ValueError, TypeError) as err:
                 raise RecipeError(_first_part(err)) from err
             if self.dryrun and isinstance(self.executor, run.SlurmExecutor):
                 out = Path(os.environ.get("NEMO_OPD_SBATCH_OUT", f"{fn.__name__}.sbatch"))
                 out.write_text(render_sbatch(task, self.executor, self.name))
                 print(f"sbatch script written to {out} (not submitted: --dryrun)")
+            for name, value in default_kwargs.items():  # the experiment's `ctx`
+                setattr(task, name, value)
             return task
 
     class RecipeEntrypoint(Entrypoint):
         def help(self, console: Any = None, with_docs: bool = True) -> None:
             # Replaces NeMo-Run's argument table: it lists only the top-level sections.
             name = _preset_name_from_argv(sys.argv)
-            presets = _presets(self.fn)
+            known = presets(self.fn)
             print("\nPresets (--factory NAME): " + ", ".join(
                 f"{n}{' (default)' if f.__name__ == default_preset.__name__ else ''}"
-                for n, f in sorted(presets.items())))
+                for n, f in sorted(known.items())))
             try:
-                tree = _preset(self.fn, name, default_preset)
+                tree = resolve_preset(self.fn, name, default_preset)
             except RecipeError as err:
                 print(f"\n{err}")
                 return
@@ -334,4 +350,5 @@ def recipe_main(fn: Callable, *, default_preset: Callable[[], run.Partial],
     # The task runs in this process unless run.executor=... says otherwise; asking for a
     # confirmation there would only stall scripted runs.
     run.cli.main(fn, default_factory=default_preset, entrypoint_cls=RecipeEntrypoint,
-                 run_ctx_cls=RecipeRunContext, cmd_defaults={"skip_confirmation": True})
+                 run_ctx_cls=RecipeRunContext, type=entrypoint_type,
+                 cmd_defaults={"skip_confirmation": True})
