@@ -300,6 +300,8 @@ def _engine_checks(model_dirs: dict[str, str], quant_dir: str, eos_id: int, pad_
             assert capped.lengths.tolist() == [short.max_sequence_length] * len(prompts)
             assert not capped.stopped.any()
         out["errors"] = _error_messages(models[2], prompts, pad_id, eos_id, rank)
+        out["lp_err"][(2, "live_weights")] = _live_weights_error(models[2], prompts, pad_id,
+                                                                 eos_id)
 
         # Teacher-seeded: the TP=2 llama continues what a TP=1 qwen3 teacher wrote.
         teacher = MegatronEngine(
@@ -322,6 +324,28 @@ def _engine_checks(model_dirs: dict[str, str], quant_dir: str, eos_id: int, pad_
         out["int4_logprobs_moved"] = (quant.logprobs - before.logprobs).abs().max().item()
         out["tokens"][(2, "int4")] = quant.tokens
     return out
+
+
+def _live_weights_error(model, prompts, pad_id: int, eos_id: int) -> float:
+    """Colocated: an in-place weight update (an optimizer step) shows in the next rollout with
+    update_weights a no-op; returns the teacher-forced log-prob error under the new weights."""
+    from nemo_opd.rollout import MegatronEngine
+
+    engine = MegatronEngine(model, pad_id=pad_id, eos_id=eos_id)
+    params = SamplingParams(temperature=0.7, max_new_tokens=MAX_NEW, seed=2)
+    before = engine.generate(prompts, params)
+    original = model.output_layer.weight.detach().clone()
+    with torch.no_grad():
+        model.output_layer.weight.mul_(3.0)
+    try:
+        engine.update_weights(model)
+        after = engine.generate(prompts, params)
+        assert not torch.equal(after.logprobs, before.logprobs)
+        return (after.logprobs - _teacher_forced(model, after, params))[after.loss_mask].abs().max(
+        ).item()
+    finally:
+        with torch.no_grad():
+            model.output_layer.weight.copy_(original)
 
 
 def _error_messages(model, prompts, pad_id: int, eos_id: int, rank: int) -> dict[str, str]:
