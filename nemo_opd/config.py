@@ -121,9 +121,9 @@ class QuantConfig:
     """Micro batches of training prompts used for PTQ calibration before training (>= 0)."""
     lora: bool = False
     """Train LoRA adapters on the frozen quantized base instead of the full weights."""
-    lora_r: int = 16
+    lora_r: int = 32
     """LoRA rank (>= 1)."""
-    lora_alpha: float = 32.0
+    lora_alpha: float = 64.0
     """LoRA scaling numerator (update = alpha / r · B A); > 0."""
 
     def __post_init__(self) -> None:

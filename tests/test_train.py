@@ -160,6 +160,18 @@ def _tp1_body(dirs: dict[str, str], train_file: str, root: str) -> dict:
                          "schedule": [schedule(s) for s in range(4)]}
 
         out["resume"] = _resume_runs(dirs, train_file, f"{root}/tp1", tp=1)
+        # LoRA on the quantized base: adapters are the only trainable (and checkpointed
+        # optimizer) state; resume stays exact.
+        lora = dict(quant=QuantConfig(format="mxfp4", calibration_batches=1, lora=True,
+                                      lora_r=4), optim=OptimConfig(steps=3, micro_batch_size=2,
+                                                                   lr=3e-2),
+                    checkpoint=CheckpointConfig(save_every=1))
+        lora_full = run_distillation(_config(dirs, train_file, f"{root}/lora_full", **lora))
+        lora_cfg = _config(dirs, train_file, f"{root}/lora_parts", **lora)
+        lora_first = run_distillation(lora_cfg, stop_after=1)
+        lora_second = run_distillation(lora_cfg)
+        out["lora"] = {"full": _losses(lora_full),
+                       "parts": _losses(lora_first) + _losses(lora_second)}
         out["topk"] = _losses(run_distillation(_config(dirs, train_file, f"{root}/tp1_topk",
                                                        **_TOPK)))
 
@@ -256,6 +268,8 @@ def test_trainer_tp1_and_tp2(tiny_model_dirs, train_file, tmp_path):
     assert resume["sources_full"] == resume["sources_parts"]
     assert "replay" in sum(resume["sources_full"], [])
     assert resume["full"] == resume["parts"]  # exact
+    assert out["lora"]["full"] == out["lora"]["parts"]
+    assert len(set(out["lora"]["full"])) == 3  # the adapters do train
 
     assert out["nan_error"] is not None and "step 1" in out["nan_error"], out["nan_error"]
     assert "last good checkpoint" in out["nan_error"]

@@ -32,7 +32,7 @@ from nemo_opd.data import EpochBatches, Example, ReplayBuffer, SequenceBatch, st
 from nemo_opd.rollout.engine import RolloutEngine
 from nemo_opd.rollout.megatron_engine import MegatronEngine
 from nemo_opd.rollout.teacher_seeded import TeacherSeededRollouts
-from nemo_opd.runtime import distributed_runtime
+from nemo_opd.runtime import distributed_runtime, seed_all
 from nemo_opd.strategies import PlanPart, Strategy, TeacherContext, build_strategy
 from nemo_opd.train import checkpoint as ckpt
 from nemo_opd.train import setup
@@ -94,11 +94,11 @@ class Trainer:
     def __init__(self, cfg: RunConfig, *,
                  engine_factory: Callable[[torch.nn.Module, Any], RolloutEngine] | None = None,
                  eval_hook: EvalHook | None = None) -> None:
-        if cfg.quant.lora:
-            raise ValueError("QuantConfig.lora = True: LoRA on the quantized base is not "
-                             "implemented yet (issue 4); set quant.lora=false")
         self.cfg = cfg
         self.eval_hook = eval_hook
+        # Everything built below (LoRA adapters, random shells) draws from seeded generators, so
+        # two runs of one config in one process build the same models.
+        seed_all(cfg.seed)
         self.total_steps = cfg.total_steps
         self.rank = dist.get_rank()
         self.strategy: Strategy = build_strategy(cfg.distill, seed=cfg.seed)

@@ -126,7 +126,9 @@ def calibration_batches(cfg: RunConfig, examples: list[Example], pad_id: int
 
 
 def build_student(cfg: RunConfig, calibration: list[torch.Tensor]) -> torch.nn.Module:
-    """The student from its HF weights, quantized and calibrated (QAT-ready)."""
+    """The student from its HF weights, quantized and calibrated (QAT-ready), with LoRA
+    adapters on the frozen quantized base when ``quant.lora``."""
+    from nemo_opd.quant.lora import LoraConfig, add_lora
     from nemo_opd.quant.student import quantize_student
 
     student = load_hf_gpt(cfg.model.student, cfg.model.student_parallel,
@@ -138,6 +140,8 @@ def build_student(cfg: RunConfig, calibration: list[torch.Tensor]) -> torch.nn.M
                     model_logits(model, tokens)
 
         quantize_student(student, cfg.quant.format, forward_loop if calibration else None)
+    if cfg.quant.lora:
+        add_lora(student, LoraConfig(rank=cfg.quant.lora_r, alpha=cfg.quant.lora_alpha))
     return student
 
 
