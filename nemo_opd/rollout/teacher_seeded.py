@@ -72,6 +72,12 @@ class TeacherSeededRollouts:
     student's after them, and :attr:`RolloutBatch.loss_mask` covers ``loss_tokens``.
     ``generation_seconds`` covers both engines.
 
+    Layouts: every rank of the student's TP group must get the same prefixes, so the teacher's
+    TP group must not span different student data-parallel ranks (teacher TP <= student TP,
+    the same ranks laid out TP-fastest), and with a teacher on a smaller TP group than the
+    student's, ``params.seed`` must be set (the teacher's groups cannot agree on a random seed
+    across the student's group; the student engine raises if the prefixes differ).
+
     Args:
         student: engine of the model being trained (e.g. :class:`MegatronEngine` on it).
         teacher: engine of the teacher (same tokenizer/vocabulary).
