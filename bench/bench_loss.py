@@ -2,14 +2,20 @@
 
     OMP_NUM_THREADS=1 python bench/bench_loss.py              # 2,048 tokens, ~3 minutes
     OMP_NUM_THREADS=1 python bench/bench_loss.py --tokens 256 # quick
+    python bench/bench_loss.py --device cuda --tokens 8192    # on a GPU
 
-Every method runs in its own fresh subprocess (one torch thread): the inputs are built there in
-small pieces (no full-size temporaries), then the kernel's peak-RSS mark is reset
+On CPU every method runs in its own fresh subprocess (one torch thread): the inputs are built
+there in small pieces (no full-size temporaries), then the kernel's peak-RSS mark is reset
 (``/proc/self/clear_refs``) and one forward + backward is measured. "Extra peak" is the peak
 resident memory above the resident memory right after the inputs were built, so it includes
 everything the method allocates: its temporaries and the gradient it returns. It is reported in
 GiB and in units of one bf16 ``[tokens, V]`` logits tensor. A small warm-up call (8 tokens)
 runs first so lazy initialisation is not timed.
+
+On CUDA (``--device cuda``) the same subprocess-per-method scheme is used; inputs are built on the
+host and copied to the GPU, one full-size call warms up (allocator, kernels), then the median of
+``--repeats`` synchronised calls is reported, and "extra peak" is
+``torch.cuda.max_memory_allocated()`` above the allocation right after the inputs were built.
 
 Methods (``V`` = 151,936, the Qwen3 vocabulary; bf16 logits; β = 0 unless named):
 
@@ -69,7 +75,7 @@ def _random(shape, seed, scale, dtype, like=None):
     return out
 
 
-def _build(method: str, tokens: int, vocab: int, hidden: int):
+def _build(method: str, tokens: int, vocab: int, hidden: int, device: str = "cpu"):
     """Inputs and a ``run(n_tokens)`` closure doing forward + backward on the first n tokens."""
     import torch
     import torch.nn.functional as F
@@ -82,6 +88,7 @@ def _build(method: str, tokens: int, vocab: int, hidden: int):
         h_t = _random((tokens, hidden), 2, 1.0, dtype, like=h_s)
         w_s = _random((vocab, hidden), 3, 2.0 / hidden**0.5, dtype)
         w_t = _random((vocab, hidden), 4, 0.5 / hidden**0.5, dtype, like=w_s)
+        h_s, h_t, w_s, w_t = (t.to(device) for t in (h_s, h_t, w_s, w_t))
 
         def run(n):
             h, w = h_s[:n].detach().requires_grad_(), w_s.detach().requires_grad_()
@@ -96,6 +103,7 @@ def _build(method: str, tokens: int, vocab: int, hidden: int):
 
     student = _random((tokens, vocab), 1, 2.0, dtype)
     teacher = _random((tokens, vocab), 2, 1.0, dtype, like=student)
+    student, teacher = student.to(device), teacher.to(device)
 
     if method == "modelopt":
         import types
@@ -120,7 +128,8 @@ def _build(method: str, tokens: int, vocab: int, hidden: int):
         def loss_fn(s, t):
             return L.topk_generalized_jsd(s, L.teacher_topk(t, 1024), beta=0.0)
     elif method == "ours_sampled":
-        tokens_ids = torch.randint(0, vocab, (tokens,), generator=torch.Generator().manual_seed(5))
+        tokens_ids = torch.randint(0, vocab, (tokens,),
+                                   generator=torch.Generator().manual_seed(5)).to(device)
 
         def loss_fn(s, t):
             ids = tokens_ids[:s.shape[0]]
@@ -138,11 +147,13 @@ def _build(method: str, tokens: int, vocab: int, hidden: int):
     return run
 
 
-def worker(method: str, tokens: int, vocab: int, hidden: int) -> dict:
+def worker(method: str, tokens: int, vocab: int, hidden: int, device: str, repeats: int) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    run = _build(method, tokens, vocab, hidden)
+    run = _build(method, tokens, vocab, hidden, device)
+    if device == "cuda":
+        return {"method": method, **_measure_cuda(run, tokens, repeats)}
     run(8)  # warm-up: lazy initialisation, small
     gc.collect()
     base_rss, _ = _rss_kib()
@@ -155,17 +166,41 @@ def worker(method: str, tokens: int, vocab: int, hidden: int) -> dict:
             "loss": loss}
 
 
+def _measure_cuda(run, tokens: int, repeats: int) -> dict:
+    """Median wall time of ``repeats`` synchronised calls after a full-size warm-up; peak
+    allocation above what the inputs hold."""
+    import statistics
+
+    import torch
+
+    run(tokens)  # warm-up at full size: kernels, allocator pools
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        loss = run(tokens)  # .item() inside synchronises
+        times.append(time.perf_counter() - start)
+    extra = (torch.cuda.max_memory_allocated() - base) / 2**30
+    return {"seconds": statistics.median(times), "extra_gib": extra, "loss": loss}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--vocab", type=int, default=151_936)
     parser.add_argument("--hidden", type=int, default=1024, help="hidden size of the pipelines")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per method (CUDA)")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.tokens, args.vocab, args.hidden)))
+        print(json.dumps(worker(args.worker, args.tokens, args.vocab, args.hidden, args.device,
+                                args.repeats)))
         return
 
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -174,7 +209,8 @@ def main() -> None:
     for method in args.methods:
         out = subprocess.run([sys.executable, __file__, "--worker", method, "--tokens",
                               str(args.tokens), "--vocab", str(args.vocab), "--hidden",
-                              str(args.hidden)], env=env, capture_output=True, text=True)
+                              str(args.hidden), "--device", args.device, "--repeats",
+                              str(args.repeats)], env=env, capture_output=True, text=True)
         if out.returncode:
             sys.exit(f"{method} failed:\n{out.stderr}")
         result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -185,9 +221,10 @@ def main() -> None:
     reference = next((r["seconds"] for r in results if r["method"] == "modelopt"), None)
     import torch
 
+    where = (torch.cuda.get_device_name() if args.device == "cuda"
+             else f"{platform.processor() or platform.machine()}, 1 thread")
     print(f"tokens={args.tokens} V={args.vocab} hidden={args.hidden} bf16; one logits tensor "
-          f"[tokens, V] = {logits_gib:.3f} GiB; torch {torch.__version__}, "
-          f"{platform.processor() or platform.machine()}, 1 thread\n")
+          f"[tokens, V] = {logits_gib:.3f} GiB; torch {torch.__version__}, {where}\n")
     print("| method | time (s) | time / ModelOpt | extra peak (GiB) | extra peak / logits | loss |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in results:
@@ -196,8 +233,9 @@ def main() -> None:
               f"{r['extra_gib'] / logits_gib:.2f}× | {r['loss']:.5f} |")
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"tokens": args.tokens, "vocab": args.vocab, "hidden": args.hidden,
-                       "logits_gib": logits_gib, "results": results}, handle, indent=1)
+            json.dump({"device": args.device, "tokens": args.tokens, "vocab": args.vocab,
+                       "hidden": args.hidden, "logits_gib": logits_gib, "results": results},
+                      handle, indent=1)
 
 
 if __name__ == "__main__":

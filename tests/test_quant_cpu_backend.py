@@ -112,21 +112,40 @@ def ref_mx(x: torch.Tensor, fmt: str, block: int = 32) -> torch.Tensor:
     return _unblock(out, x)
 
 
-def ref_nvfp4(x: torch.Tensor, global_amax: float, block: int = 16) -> torch.Tensor:
-    """NVFP4, ModelOpt's Triton kernel: every float32 operation emulated one by one."""
-    g = _f32(_f32(global_amax) / 2688.0)
+def _ref_nvfp4_block_scales(x: torch.Tensor, global_amax: float,
+                            block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float64 blocks of ``x`` and each block's decoded two-level scale, as the Triton kernel
+    and its caller compute them in float32 (g = amax * fl(1/2688): PyTorch's CUDA division by a
+    scalar multiplies by the reciprocal)."""
+    g = _f32(_f32(global_amax) * _f32(1.0 / 2688.0))
     if g == 0:
         g = _f32(1e-12)
     blocks = _blocks64(x, block)
-    out = torch.empty_like(blocks)
+    scales = torch.empty(blocks.shape[0], 1, dtype=torch.float64)
     for i, row in enumerate(blocks):
         r = _f32(_ref_block_amax(row, clamp_inf=False) / _f32(6.0 * g))
         s = _f32(ref_round(torch.clamp(r, max=448.0), E4M3_GRID) * g)
-        if s < _f32(1e-5):
-            s = torch.tensor(1.0, dtype=torch.float64)
-        q = ref_round(_f32(row.abs() / s), E2M1_GRID)
-        out[i] = torch.where(row.isnan(), row, torch.copysign(_f32(q * s), row))
+        scales[i] = 1.0 if s < _f32(1e-5) else s
+    return blocks, scales
+
+
+def ref_nvfp4(x: torch.Tensor, global_amax: float, block: int = 16) -> torch.Tensor:
+    """NVFP4, ModelOpt's Triton kernel: every float32 operation emulated one by one."""
+    blocks, scales = _ref_nvfp4_block_scales(x, global_amax, block)
+    q = ref_round(_f32(blocks.abs() / scales), E2M1_GRID)
+    out = torch.where(blocks.isnan(), blocks, torch.copysign(_f32(q * scales), blocks))
     return _unblock(out, x)
+
+
+def nvfp4_near_ties(x: torch.Tensor, global_amax: float, block: int = 16) -> torch.Tensor:
+    """Elements whose ``|x| / s`` lies within 2 float32 ulps of an E2M1 rounding boundary: there
+    Triton's approximate float32 division (``div.full.f32``) may round the other way than an
+    IEEE division. Same shape as ``x``."""
+    blocks, scales = _ref_nvfp4_block_scales(x, global_amax, block)
+    ratio = blocks.abs() / scales
+    boundaries = (E2M1_GRID[1:] + E2M1_GRID[:-1]) / 2
+    near = ((ratio.unsqueeze(-1) - boundaries).abs() <= 2 * 2.0**-23 * boundaries).any(-1)
+    return _unblock(near.to(torch.float64), x).bool()
 
 
 def _random(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
@@ -536,10 +555,15 @@ def test_matches_modelopt_gpu_kernels(fmt, dtype):
         num_bits=num_bits, block_sizes={-1: block, "type": "dynamic", "scale_bits": scale_bits}
     )).cuda()  # no backend: ModelOpt's own kernels
     x = _adversarial(448.0 if fmt == "mxfp8" else 6.0, block, dtype)
+    # fp16 overflows the largest rows to inf; on non-finite blocks the kernels disagree (the
+    # Triton NVFP4 kernel returns inf/NaN, the CPU path saturates), and no trained model has them
+    x = x[x.isfinite().all(-1)]
     gpu = quantizer(x.cuda()).cpu()
     if fmt == "nvfp4":
         ours = nvfp4_fake_quant(x, x.float().abs().max())
+        allowed = nvfp4_near_ties(x, x.float().abs().max().item())
     else:
         ours = mx_fake_quant(x, "e4m3" if fmt == "mxfp8" else "e2m1")
-    mismatch = (gpu != ours).nonzero()
+        allowed = torch.zeros_like(x, dtype=torch.bool)
+    mismatch = ((gpu != ours) & ~allowed).nonzero()
     assert mismatch.numel() == 0, f"{len(mismatch)} elements differ, first at {mismatch[:5]}"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -184,13 +185,12 @@ def transformer_config(config: HFModelConfig, parallel: ParallelConfig,
 
 
 def _layer_spec(config: TransformerConfig) -> ModuleSpec:
-    if torch.cuda.is_available():
-        try:
-            from megatron.core.post_training.modelopt.gpt.model_specs import get_gpt_modelopt_spec
+    # The ModelOpt (Transformer Engine) spec imports without TE and fails only when a layer is
+    # built (seen on an H100 without TE), so ask for TE itself. The local spec runs on GPU too.
+    if torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None:
+        from megatron.core.post_training.modelopt.gpt.model_specs import get_gpt_modelopt_spec
 
-            return get_gpt_modelopt_spec(config, remap_te_layernorm=True)
-        except ImportError:  # no Transformer Engine: the local spec works on GPU too
-            pass
+        return get_gpt_modelopt_spec(config, remap_te_layernorm=True)
     return get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization="RMSNorm")
 
 

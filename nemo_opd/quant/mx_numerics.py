@@ -236,7 +236,7 @@ def nvfp4_fake_quant(
     Semantics of ModelOpt's Triton kernel ``fp4_fake_quant_block`` (float32 arithmetic, each
     line one rounding)::
 
-        g    = global_amax / (6 * 448)             (g := 1e-12 if g == 0)
+        g    = global_amax * fl(1 / (6 * 448))     (g := 1e-12 if g == 0; as CUDA torch divides)
         r    = amax_block / (6 * g)                (per block; NaN ignored)
         s    = e4m3(min(r, 448)) * g               (the decoded two-level block scale)
         s    = 1.0 if s < 1e-5                     (zero / underflowed / tiny block scales)
@@ -259,7 +259,10 @@ def nvfp4_fake_quant(
     amax_t = torch.as_tensor(global_amax, device=x.device).to(torch.float32)
     if amax_t.numel() != 1:
         raise ValueError(f"global_amax must have one element; got shape {tuple(amax_t.shape)}")
-    g = amax_t.reshape(()) / (E2M1_MAX * E4M3_MAX)
+    # PyTorch's CUDA division by a scalar multiplies by the scalar's float32 reciprocal, and the
+    # kernel's caller computes g that way on the GPU; an IEEE division differs by one ulp for
+    # some amax values (seen on an H100), which shifts every dequantized value of the tensor.
+    g = amax_t.reshape(()) * (amax_t.new_ones(()) / (E2M1_MAX * E4M3_MAX))
     g = torch.where(g > 0, g, g.new_tensor(_NVFP4_ZERO_GLOBAL_SCALE))
     blocks = _to_blocks(x, block_size)
     r = _block_amax(blocks, clamp_inf=False) / (E2M1_MAX * g)
