@@ -390,7 +390,7 @@ def _teacher_seeded_checks(student, teacher, prompts) -> dict:
                            student_alone.logprobs[:, :width])
     torch.testing.assert_close(batch.logprobs[:, :width], expected, atol=0, rtol=0)
     assert (batch.logprobs[batch.prefix_mask()] < 0).all()
-    results = {"tokens": batch.tokens}
+    results = {"tokens": batch.tokens, "teacher_tokens": teacher_alone.tokens}
     for tokens in ("teacher", "all"):
         other = TeacherSeededRollouts(student, teacher, PrefixSchedule(n_prefix, 0, 10),
                                       loss_tokens=tokens).generate(prompts, params, step=0)
@@ -458,6 +458,10 @@ def test_megatron_engine_tp1_tp2_against_teacher_forcing_hf_and_each_other(
                               pad_id) == stopped
     # Without min_new_tokens row 0 would end at its third token; with it, it may not.
     assert len(stopped[0]) >= 5 and stopped[0][:3] != plain[0][:3]
+    # The qwen3 teacher (qk-layernorm) agrees with HF too: its 5-token greedy prefixes.
+    teacher_hf = _hf_greedy(tiny_model_dirs["qwen3"], prompts, [eos_id], 0)
+    assert _continuations(first["seeded"]["teacher_tokens"], prompts, pad_id) == [
+        t[:5] for t in teacher_hf]
     errors = first["errors"]
     assert "non-empty list of prompts" in errors["no_prompts"]
     assert "prompt 1 is empty" in errors["empty_prompt"]
