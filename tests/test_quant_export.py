@@ -305,3 +305,54 @@ def test_export_rejects_a_missing_source_dir(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="has no config.json"):
         export_student(torch.nn.Linear(2, 2), tmp_path / "missing", tmp_path / "out")
+
+
+def _linear_with(weight_cfg: dict | None = None, sequential: bool = False,
+                 pre_quant_scale: bool = False) -> torch.nn.Module:
+    from modelopt.torch.quantization.config import QuantizerAttributeConfig
+    from modelopt.torch.quantization.nn import SequentialQuantizer, TensorQuantizer
+
+    module = torch.nn.Module()
+    quantizer = TensorQuantizer(QuantizerAttributeConfig(**(weight_cfg or {"num_bits": 4})))
+    module.weight_quantizer = (SequentialQuantizer(quantizer, TensorQuantizer()) if sequential
+                               else quantizer)
+    module.input_quantizer = TensorQuantizer(QuantizerAttributeConfig(num_bits=(4, 3)))
+    if pre_quant_scale:
+        module.input_quantizer.pre_quant_scale = torch.ones(4)
+    return module
+
+
+MX_BLOCKS = {"type": "dynamic", "scale_bits": (8, 0)}
+
+
+@pytest.mark.parametrize(("weight_cfg", "expected"), [
+    ({"num_bits": 4, "block_sizes": {-1: 128, "type": "static"}}, "int4"),
+    ({"num_bits": (4, 3), "axis": None}, "fp8"),
+    ({"num_bits": (2, 1), "block_sizes": {-1: 32, **MX_BLOCKS}}, "mxfp4"),
+    ({"num_bits": (2, 1), "block_sizes": {-1: 16, "type": "dynamic", "scale_bits": (4, 3)}},
+     "nvfp4"),
+    ({"num_bits": 8, "axis": 0}, None),                                       # INT8
+    ({"num_bits": (4, 3), "axis": 0}, None),                                  # per-channel FP8
+    ({"num_bits": (4, 3), "block_sizes": {-1: 32, **MX_BLOCKS}}, None),       # MXFP8
+    ({"num_bits": 4, "block_sizes": {-1: 64, "type": "static", "scale_bits": 8,
+                                     "scale_block_sizes": {-1: 256}}}, None),  # NF4
+])
+def test_weight_format_by_quantizer_config(weight_cfg, expected):
+    from nemo_opd.quant.export import weight_format
+
+    module = _linear_with(weight_cfg)
+    if expected is not None:
+        assert weight_format(module) == expected
+    else:
+        with pytest.raises(NotImplementedError, match="export writes INT4 .blockwise."):
+            weight_format(module)
+
+
+def test_weight_format_rejects_w4a8_and_pre_quant_scales():
+    from nemo_opd.quant.export import weight_format
+
+    int4 = {"num_bits": 4, "block_sizes": {-1: 128, "type": "static"}}
+    with pytest.raises(NotImplementedError, match="SequentialQuantizer weight quantizer"):
+        weight_format(_linear_with(int4, sequential=True))
+    with pytest.raises(NotImplementedError, match="AWQ/SmoothQuant pre-quant scale"):
+        weight_format(_linear_with(int4, pre_quant_scale=True))

@@ -152,33 +152,44 @@ class ExportResult:
 # ------------------------------------------------------------------ codes the student trained on
 
 
-def weight_format(quantizer: Any) -> WeightFormat:
-    """The exportable weight format of an enabled ModelOpt weight quantizer.
+def weight_format(module: torch.nn.Module) -> WeightFormat:
+    """The exportable weight format of a quantized linear (its enabled weight quantizer).
 
     Raises:
-        NotImplementedError: a format the export does not write (INT8, MXFP8, AWQ pre-quant
-            scales, W4A8 sequential quantizers, static-block NVFP4, ...).
+        NotImplementedError: a format the export does not write: INT8, NF4, MXFP8, per-channel
+            FP8, static-block NVFP4, W4A8 (sequential weight quantizers), or AWQ / SmoothQuant
+            pre-quant scales on the input.
     """
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    quantizer = module.weight_quantizer
+    supported = ("export writes INT4 (blockwise), FP8 (per tensor), MXFP4 and NVFP4 weights "
+                 "without pre-quant scales")
+    if not isinstance(quantizer, TensorQuantizer):
+        raise NotImplementedError(f"{supported}; got a {type(quantizer).__name__} weight "
+                                  "quantizer (W4A8)")
+    input_quantizer = getattr(module, "input_quantizer", None)
+    if getattr(input_quantizer, "pre_quant_scale", None) is not None:
+        raise NotImplementedError(f"{supported}; this linear has an AWQ/SmoothQuant pre-quant "
+                                  "scale")
     num_bits = quantizer.num_bits
     block_sizes = quantizer.block_sizes or {}
     dynamic = block_sizes.get("type") == "dynamic"
-    scale_bits = tuple(block_sizes.get("scale_bits") or ())
-    if num_bits == 4 and block_sizes.get(-1) and not dynamic:
-        found: WeightFormat | None = "int4"
+    scale_bits = block_sizes.get("scale_bits")  # (e, m) pairs may arrive as lists; NF4 uses an int
+    scale_bits = tuple(scale_bits) if isinstance(scale_bits, (list, tuple)) else scale_bits
+    found: WeightFormat | None = None
+    if (num_bits == 4 and block_sizes.get(-1) and not dynamic and scale_bits is None
+            and not quantizer.unsigned):
+        found = "int4"
     elif num_bits == (4, 3) and not block_sizes and quantizer.axis is None:
         found = "fp8"
     elif num_bits == (2, 1) and dynamic and scale_bits == (8, 0):
         found = "mxfp4"
     elif num_bits == (2, 1) and dynamic and scale_bits == (4, 3):
         found = "nvfp4"
-    else:
-        found = None
-    if found is None or getattr(quantizer, "pre_quant_scale", None) is not None:
-        raise NotImplementedError(
-            f"export writes INT4 (blockwise), FP8 (per tensor), MXFP4 and NVFP4 weights; got a "
-            f"weight quantizer with num_bits={num_bits}, block_sizes={quantizer.block_sizes}, "
-            f"axis={quantizer.axis}"
-        )
+    if found is None:
+        raise NotImplementedError(f"{supported}; got a weight quantizer with num_bits={num_bits}, "
+                                  f"block_sizes={quantizer.block_sizes}, axis={quantizer.axis}")
     return found
 
 
@@ -230,7 +241,7 @@ def student_weight_codes(module: torch.nn.Module) -> QuantizedWeight:
             scales (a fake-quant kernel whose arithmetic differs from the one assumed here).
     """
     quantizer = module.weight_quantizer
-    fmt = weight_format(quantizer)
+    fmt = weight_format(module)
     with torch.no_grad():
         weight = module.weight.detach()
         fake_quantized = quantizer(weight).to(torch.float64)
@@ -255,7 +266,9 @@ def student_weight_codes(module: torch.nn.Module) -> QuantizedWeight:
             f"{ratio[off_grid][0].item()!r}); the fake-quant kernel's arithmetic differs from "
             "the one nemo_opd.quant.export assumes"
         )
-    return dataclasses.replace(partial, codes=codes)
+    # The exporter writes from CPU tensors; the check above ran wherever the weight lives.
+    return dataclasses.replace(partial, codes=codes.cpu(), scale=scale.cpu(),
+                               scale_2=None if scale_2 is None else scale_2.cpu())
 
 
 # ------------------------------------------------------------------ packing (ModelOpt's layouts)
@@ -456,7 +469,7 @@ def _check_exportable(model: torch.nn.Module) -> WeightFormat:
             "quantizer; quantize it with nemo_opd.quant.student.quantize_student first (an "
             "unquantized model exports with ModelOpt's export_mcore_gpt_to_hf as is)"
         )
-    formats = Counter(weight_format(model.get_submodule(n)) for n in names)
+    formats = Counter(weight_format(model.get_submodule(n.rsplit(".", 1)[0])) for n in names)
     if len(formats) != 1:
         raise NotImplementedError(f"mixed weight formats {dict(formats)} are not exported")
     return next(iter(formats))
@@ -491,6 +504,8 @@ def export_student(model: torch.nn.Module, hf_model_dir: str | Path, export_dir:
     from nemo_opd.quant.lora import has_lora_adapters, merge_lora
 
     hf_model_dir, export_dir = Path(hf_model_dir), Path(export_dir)
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype must be torch.float32, float16 or bfloat16, got {dtype}")
     if not (hf_model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{hf_model_dir} has no config.json (the student's HF source)")
     if tokenizer_dir is not None and not Path(tokenizer_dir).is_dir():
