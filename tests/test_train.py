@@ -100,6 +100,14 @@ def _counting_factory(log: list, tokenizer_dir: str):
     return factory
 
 
+def _eval_hook(model, step: int) -> dict[str, float]:
+    """An evaluation the recipe could pass: mean next-token log-prob of a fixed sequence."""
+    tokens = torch.arange(1, 9).unsqueeze(0)
+    logits = model(tokens, torch.arange(8).unsqueeze(0), attention_mask=None)
+    return {"grad_enabled": float(torch.is_grad_enabled()),
+            "mean_logit": float(logits.float().mean())}
+
+
 def _losses(result) -> list[float]:
     return [h["loss"] for h in result.history]
 
@@ -140,15 +148,31 @@ def _tp1_body(dirs: dict[str, str], train_file: str, root: str) -> dict:
                                         min_lr=1e-3))
         out["decrease"] = _losses(run_distillation(cfg))
 
-        # λ=0: dataset only, engine never called; λ=1: exactly the engine's rollouts.
+        # λ=0: dataset only, engine never called; λ=1: exactly the engine's rollouts. The λ=1
+        # run also has an evaluation hook every 2 steps.
         for lmbda in (0.0, 1.0):
             log: list = []
             cfg = _config(dirs, train_file, f"{root}/lambda{lmbda}",
-                          distill=DistillConfig(lmbda=lmbda),
+                          distill=DistillConfig(lmbda=lmbda), eval_every=2,
                           data=DataConfig(train_files=(train_file,), max_response_length=8,
                                           shuffle=False))
-            result = run_distillation(cfg, engine_factory=_counting_factory(log, dirs["llama"]))
-            out[f"lambda{lmbda}"] = {"history": result.history, "engine": log}
+            result = run_distillation(cfg, engine_factory=_counting_factory(log, dirs["llama"]),
+                                      eval_hook=_eval_hook if lmbda else None)
+            out[f"lambda{lmbda}"] = {
+                "history": result.history, "engine": log, "evaluations": result.evaluations,
+                "jsonl": [json.loads(line) for line in open(result.metrics_file)]}
+
+        # Teacher top-k cache: the second epoch (step 5, batches of 4 of 16 records) reads it
+        # and gives exactly the losses of an uncached run.
+        cache = dict(distill=DistillConfig(lmbda=0.0, loss="topk", topk=8,
+                                           teacher_cache_dir=f"{root}/cache"),
+                     optim=OptimConfig(steps=5, micro_batch_size=4, lr=3e-3))
+        cached = run_distillation(_config(dirs, train_file, f"{root}/cached", **cache))
+        cache["distill"] = dataclasses.replace(cache["distill"], teacher_cache_dir="")
+        uncached = run_distillation(_config(dirs, train_file, f"{root}/uncached", **cache))
+        out["cache"] = {"hits": [h["teacher_cache_hits"] for h in cached.history],
+                        "nll": [h["teacher_nll"] for h in cached.history],
+                        "cached": _losses(cached), "uncached": _losses(uncached)}
 
         # Teacher-seeded prefixes.
         log = []
@@ -252,6 +276,21 @@ def test_trainer_tp1_and_tp2(tiny_model_dirs, train_file, tmp_path):
     assert [e["role"] for e in on["engine"]] == ["student"] * 4
     assert [h["loss_tokens"] for h in on["history"]] == [e["loss_tokens"] for e in on["engine"]]
     assert [h["loss_tokens"] for h in on["history"]] == [e["generated"] for e in on["engine"]]
+
+    assert [e["step"] for e in on["evaluations"]] == [2, 4]
+    assert all(e["grad_enabled"] == 0.0 for e in on["evaluations"])
+    steps = [r for r in on["jsonl"] if "event" not in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    for key in ("loss", "forward_kl", "reverse_kl", "teacher_nll", "rollout_length",
+                "rollout_tokens_per_s", "time_rollout_s", "time_teacher_s", "time_student_s",
+                "time_optimizer_s", "lr", "grad_norm"):
+        assert all(isinstance(r[key], float) for r in steps), key
+    assert all(r["rollout_tokens_per_s"] > 0 and r["rollout_length"] > 0 for r in steps)
+    assert [r["step"] for r in on["jsonl"] if r.get("event") == "eval"] == [2, 4]
+
+    assert out["cache"]["hits"] == [0, 0, 0, 0, 1]
+    assert out["cache"]["nll"][4] is None and all(n > 0 for n in out["cache"]["nll"][:4])
+    assert out["cache"]["cached"] == out["cache"]["uncached"]
 
     seeded = out["seeded"]
     teacher_calls = [e for e in seeded["engine"] if e["role"] == "teacher"]
