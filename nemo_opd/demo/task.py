@@ -59,9 +59,9 @@ class Problem:
 class AdditionTask:
     """Fixed-width ``digits``-digit addition and its deterministic train/eval split."""
 
-    digits: int = 3
+    digits: int = 2
     """Digits per operand (answers have ``digits + 1``)."""
-    num_train: int = 20000
+    num_train: int = 9000
     """Distinct training problems (the train jsonl)."""
     num_eval: int = 500
     """Distinct held-out problems (each eval jsonl), disjoint from the training problems."""
@@ -148,7 +148,7 @@ def choice_records(task: AdditionTask) -> list[dict]:
     return records
 
 
-def make_task_tokenizer(task: AdditionTask):
+def make_task_tokenizer():
     """A byte-level BPE ``PreTrainedTokenizerFast`` that puts every digit in its own token.
 
     Digits are split before BPE (``pre_tokenizers.Digits(individual_digits=True)``), so a number
@@ -169,8 +169,7 @@ def make_task_tokenizer(task: AdditionTask):
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=list(SPECIAL_TOKENS),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
-    tok.train_from_iterator([task.prompt(Problem(10**task.digits - 1, 0)) + " 0123456789"],
-                            trainer=trainer)
+    tok.train_from_iterator(["0123456789+= "], trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=SPECIAL_TOKENS[0],
                                    bos_token=SPECIAL_TOKENS[0], pad_token=SPECIAL_TOKENS[1])
 

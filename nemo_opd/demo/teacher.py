@@ -22,7 +22,8 @@ import torch
 from nemo_opd.demo.task import AdditionTask, make_task_tokenizer, train_records
 from nemo_opd.models.tiny import TinyModelSpec, make_tiny_hf_model
 
-__all__ = ["TRAINER_VERSION", "TeacherConfig", "TeacherRun", "train_teacher", "main"]
+__all__ = ["TRAINER_VERSION", "TeacherConfig", "TeacherRun", "add_outlier_channels",
+           "outlier_channel_ids", "train_teacher", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ class TeacherConfig:
     """MLP (SwiGLU) width; a multiple of 256 for the same reason."""
     num_layers: int = 2
     """Transformer layers."""
-    steps: int = 3000
+    steps: int = 2500
     """Optimizer steps."""
     batch_size: int = 64
     """Sequences per step, drawn with replacement from the training problems."""
@@ -52,8 +53,15 @@ class TeacherConfig:
     """Linear warmup steps (< steps)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
+    outlier_channels: int = 0
+    """Hidden channels given outlier weights after training (0: none), see
+    :func:`add_outlier_channels`."""
+    outlier_scale: float = 1.0
+    """Factor by which those channels' input weights grow (their norm weights shrink by it); a
+    power of two, so the rescaling is exact in any float format and commutes with the bf16
+    rounding of the saved weights."""
     seed: int = 0
-    """Seed of the initialisation and the batch order."""
+    """Seed of the initialisation, the batch order and the outlier channels."""
     log_every: int = 100
     """Log the loss every this many steps."""
 
@@ -77,6 +85,14 @@ class TeacherConfig:
                              f"got {self.warmup_steps!r}")
         if not self.lr > 0 or not math.isfinite(self.lr):
             raise ValueError(f"TeacherConfig.lr must be a finite number > 0, got {self.lr!r}")
+        if not isinstance(self.outlier_channels, int) or not (
+                0 <= self.outlier_channels <= self.hidden_size):
+            raise ValueError(f"TeacherConfig.outlier_channels must be an int in [0, hidden_size="
+                             f"{self.hidden_size}], got {self.outlier_channels!r}")
+        if (not isinstance(self.outlier_scale, (int, float)) or not self.outlier_scale >= 1
+                or math.log2(self.outlier_scale) % 1):
+            raise ValueError(f"TeacherConfig.outlier_scale must be a power of two >= 1 (exact "
+                             f"in bf16), got {self.outlier_scale!r}")
         if not self.weight_decay >= 0:
             raise ValueError(f"TeacherConfig.weight_decay must be >= 0, "
                              f"got {self.weight_decay!r}")
@@ -101,6 +117,37 @@ class TeacherRun:
     """Mean training loss (per answer token) over the last ``log_every`` steps."""
 
 
+@torch.no_grad()
+def add_outlier_channels(model: torch.nn.Module, channels: torch.Tensor, scale: float) -> None:
+    """Give ``channels`` of the residual stream outlier weights, without changing the function.
+
+    In every decoder layer, each RMSNorm's weight on ``channels`` is divided by ``scale`` and
+    the input columns ``channels`` of the linears that read that norm's output (q/k/v after
+    ``input_layernorm``; gate/up after ``post_attention_layernorm``) are multiplied by it:
+    ``W · (w ⊙ x̂) = (W · diag(s)) · (diag(1/s) · w ⊙ x̂)``, exact in real arithmetic.
+
+    Why: large LLMs carry a few such channels (LLM.int8(), SmoothQuant, AWQ), and they are what
+    makes 4-bit weight quantization lossy — a block's scale follows its largest weight, so the
+    other weights in any block holding an outlier column get few levels. A model this small,
+    trained for minutes, has none and quantizes almost losslessly (measured, see the report in
+    ``nemo_opd/demo/assets``); this gives the demo teacher the structure of a real one.
+    """
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        for norm, linears in ((layer.input_layernorm, (attn.q_proj, attn.k_proj, attn.v_proj)),
+                              (layer.post_attention_layernorm, (mlp.gate_proj, mlp.up_proj))):
+            norm.weight[channels] /= scale
+            for linear in linears:
+                linear.weight[:, channels] *= scale
+
+
+def outlier_channel_ids(cfg: TeacherConfig) -> torch.Tensor:
+    """The ``cfg.outlier_channels`` hidden channels :func:`train_teacher` rescales (seeded by
+    ``cfg.seed`` alone, independent of training)."""
+    generator = torch.Generator().manual_seed(cfg.seed)
+    return torch.randperm(cfg.hidden_size, generator=generator)[:cfg.outlier_channels]
+
+
 def _lr_at(step: int, cfg: TeacherConfig) -> float:
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
@@ -122,7 +169,7 @@ def train_teacher(out_dir: str | Path, task: AdditionTask | None = None,
     task = task or AdditionTask()
     cfg = cfg or TeacherConfig()
     out_dir = Path(out_dir)
-    tokenizer = make_task_tokenizer(task)
+    tokenizer = make_task_tokenizer()
     records = train_records(task)
     ids, prompt_len = encode_pairs(tokenizer, [(r["prompt"], r["response"]) for r in records])
     # Random initialisation (seeded) and tokenizer written first, then trained in place.
@@ -151,6 +198,11 @@ def train_teacher(out_dir: str | Path, task: AdditionTask | None = None,
             logger.info("teacher step %d/%d  loss %.4f  (%.0f s)", step + 1, cfg.steps,
                         sum(recent) / len(recent), time.perf_counter() - start)
     seconds = time.perf_counter() - start
+    if cfg.outlier_channels:
+        channels = outlier_channel_ids(cfg)
+        add_outlier_channels(model, channels, cfg.outlier_scale)
+        logger.info("outlier channels %s scaled by %g", sorted(channels.tolist()),
+                    cfg.outlier_scale)
     # Stored in bf16, as released checkpoints are (and small enough to ship); loaders upcast.
     model.to(torch.bfloat16).save_pretrained(out_dir)
     return TeacherRun(out_dir, seconds, sum(recent) / len(recent))

@@ -1,0 +1,201 @@
+"""The built-in demo: task generator (answers checked by independent arithmetic), file formats
+(checked by the consumers' own validators), scoring (against transformers' greedy generation
+and a float64 log-likelihood loop), the cache, teacher training, and the premise measured on the
+shipped teacher at TP=1 and TP=2: the teacher is accurate and 4-bit weight-only PTQ is not."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+import pytest
+import torch
+from multirank import run_ranks
+
+from nemo_opd.demo import AdditionTask, TeacherConfig, cache_key, prepare_demo
+from nemo_opd.demo.assets import SHIPPED_TEACHER, DemoAssets
+from nemo_opd.demo.task import (
+    choice_records,
+    generate_records,
+    make_task_tokenizer,
+    read_jsonl,
+    split_problems,
+    train_records,
+    write_jsonl,
+)
+
+SMALL = AdditionTask(digits=2, num_train=300, num_eval=40, seed=5)
+PROBLEM = re.compile(r"^(\d+)\+(\d+)=$")
+
+
+def _operands(prompt: str, digits: int) -> tuple[int, int]:
+    match = PROBLEM.match(prompt)
+    assert match and len(match[1]) == len(match[2]) == digits, prompt
+    return int(match[1]), int(match[2])
+
+
+# ------------------------------------------------------------------------------------ the task
+
+
+def test_split_is_deterministic_disjoint_and_distinct():
+    train, held_out = split_problems(SMALL)
+    assert (train, held_out) == split_problems(SMALL)
+    assert len(train) == 300 and len(held_out) == 40
+    assert len(set(train) | set(held_out)) == 340
+    assert split_problems(dataclasses.replace(SMALL, seed=6)) != (train, held_out)
+
+
+def test_records_hold_correct_sums_in_the_documented_formats(tmp_path):
+    task = AdditionTask(digits=3, num_train=500, num_eval=200, seed=1)
+    train = train_records(task)
+    for record in train:
+        assert set(record) == {"prompt", "response"}
+        a, b = _operands(record["prompt"], 3)
+        assert record["response"] == " " + str(a + b).zfill(4)
+    generated = generate_records(task)
+    choices = choice_records(task)
+    held_out = set()
+    for gen, mc in zip(generated, choices, strict=True):
+        assert set(gen) == {"question", "answer"} and set(mc) == {"query", "choices", "gold"}
+        a, b = _operands(gen["question"], 3)
+        held_out.add((a, b))
+        assert int(gen["answer"]) == a + b and len(gen["answer"]) == 4
+        assert mc["query"] == gen["question"] and mc["choices"][mc["gold"]] == gen["answer"]
+        assert len(set(mc["choices"])) == task.num_choices
+        misses = {int(c) - (a + b) for i, c in enumerate(mc["choices"]) if i != mc["gold"]}
+        assert misses <= {1, -1, 10, -10, 100, -100}
+        assert all(0 <= int(c) <= 1998 and len(c) == 4 for c in mc["choices"])
+    assert not held_out & {_operands(r["prompt"], 3) for r in train}
+    golds = [r["gold"] for r in choices]
+    assert len(set(golds)) == task.num_choices  # the gold position is not always the same
+
+    # The consumers' own validators accept the files.
+    from nemo_opd.eval.tasks import LocalTask
+
+    for name, records in (("arith_gen", generated), ("arith_mc", choices)):
+        path = write_jsonl(tmp_path / f"{name}.jsonl", records)
+        assert read_jsonl(path) == records
+        local = LocalTask.from_file(name, path)
+        assert local.kind == ("generate" if name == "arith_gen" else "multiple_choice")
+        assert local.validate() == 200
+
+
+def test_tokenizer_gives_one_token_per_digit_and_the_trainers_encoding_matches():
+    from nemo_opd.config import DataConfig
+    from nemo_opd.data.source import PromptEncoder
+    from nemo_opd.demo.score import encode_pairs
+
+    tok = make_task_tokenizer()
+    text = "047+785= 0832"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert [tok.decode([i]) for i in ids] == list(text)
+    assert tok.decode(ids) == text and tok.chat_template is None
+    records = train_records(SMALL)[:8]
+    pairs, prompt_len = encode_pairs(tok, [(r["prompt"], r["response"]) for r in records])
+    encoder = PromptEncoder(tok, DataConfig(train_files=("unused.jsonl",)))
+    for row, record in zip(pairs.tolist(), records, strict=True):
+        example = encoder.encode(0, record["prompt"], record["response"])
+        assert list(example.prompt_ids) == row[:prompt_len]
+        assert list(example.response_ids) == row[prompt_len:]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(digits=0), "AdditionTask.digits must be an int in"),
+    (dict(digits=1, num_train=99), "num_train \\+ num_eval = 599 exceeds the 100"),
+    (dict(num_eval=0), "AdditionTask.num_eval must be an int >= 1, got 0"),
+    (dict(num_choices=8), "AdditionTask.num_choices must be an int in \\[2, 7\\]"),
+])
+def test_bad_task_config(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        AdditionTask(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(hidden_size=200), "TeacherConfig.hidden_size must be a positive multiple of 128"),
+    (dict(intermediate_size=384), "intermediate_size must be a positive multiple of 256"),
+    (dict(family="gpt2"), "TeacherConfig.family must be one of"),
+    (dict(steps=10, warmup_steps=10), "warmup_steps must be an int in \\[0, steps\\)"),
+    (dict(lr=0.0), "TeacherConfig.lr must be a finite number > 0, got 0.0"),
+])
+def test_bad_teacher_config(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TeacherConfig(**kwargs)
+
+
+# --------------------------------------------------------------------------- the teacher trainer
+
+TINY_TEACHER = TeacherConfig(hidden_size=128, intermediate_size=256, num_layers=1, steps=12,
+                             batch_size=16, warmup_steps=2, log_every=4, outlier_channels=3,
+                             outlier_scale=4.0)
+
+
+def test_outlier_channels_keep_the_function_and_commute_with_bf16(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from nemo_opd.demo.teacher import add_outlier_channels
+    from nemo_opd.models.tiny import make_tiny_hf_model
+
+    path = make_tiny_hf_model(tmp_path / "m", "llama", TINY_TEACHER.spec,
+                              tokenizer=make_task_tokenizer())
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64)
+    ids = torch.randint(0, 258, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(ids).logits
+        weights = {n: p.clone() for n, p in model.named_parameters()}
+        channels = torch.tensor([3, 77, 100])
+        add_outlier_channels(model, channels, 8.0)
+        after = model(ids).logits
+    assert torch.allclose(after, before, rtol=0, atol=1e-10 * before.abs().max())
+    q = model.model.layers[0].self_attn.q_proj.weight
+    assert torch.equal(q[:, channels], 8 * weights["model.layers.0.self_attn.q_proj.weight"][
+        :, channels])
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, weights[n])}
+    assert changed == {f"model.layers.0.{m}.weight" for m in (
+        "input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj",
+        "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")}
+    # Powers of two: rescaling then rounding to bf16 equals rounding then rescaling.
+    for name, param in model.named_parameters():
+        original = weights[name]
+        ratio = torch.where(original != 0, param / original, torch.ones_like(param))
+        assert torch.equal(param.bfloat16(), (original.bfloat16() * ratio.bfloat16())), name
+
+
+def test_teacher_training_is_deterministic_learns_and_caches(tmp_path, monkeypatch):
+    """Two caches built from scratch (no shipped teacher for this config) hold bit-identical
+    teachers; the loss falls; a built cache is reused; another config gets another directory."""
+    from safetensors.torch import load_file
+
+    from nemo_opd.demo import teacher as teacher_module
+    from nemo_opd.demo.teacher import outlier_channel_ids
+
+    losses = []
+    original = teacher_module.train_teacher
+
+    def recording(*args, **kwargs):
+        run = original(*args, **kwargs)
+        losses.append(run.final_loss)
+        return run
+
+    monkeypatch.setattr("nemo_opd.demo.assets.train_teacher", recording)
+    first = prepare_demo(tmp_path / "a", SMALL, TINY_TEACHER)
+    second = prepare_demo(tmp_path / "b", SMALL, TINY_TEACHER)
+    assert len(losses) == 2 and losses[0] == losses[1]
+    assert losses[0] < math.log(258) - 1.5  # from ~uniform over the 258 tokens
+    weights = load_file(first.teacher_dir / "model.safetensors")
+    assert all(torch.equal(w, load_file(second.teacher_dir / "model.safetensors")[n])
+               for n, w in weights.items())
+    assert weights["model.embed_tokens.weight"].dtype == torch.bfloat16
+    # Outlier columns: the q_proj columns of the chosen channels hold the largest weights.
+    q = weights["model.layers.0.self_attn.q_proj.weight"].float().abs().amax(0)
+    assert set(q.topk(3).indices.tolist()) == set(outlier_channel_ids(TINY_TEACHER).tolist())
+    assert first.root.name == f"demo-{cache_key(SMALL, TINY_TEACHER)}"
+    assert first.student_dir == first.teacher_dir and first.train_file.is_file()
+    assert len(read_jsonl(first.train_file)) == SMALL.num_train
+    stamp = (first.teacher_dir / "model.safetensors").stat().st_mtime_ns
+    assert prepare_demo(tmp_path / "a", SMALL, TINY_TEACHER) == first and len(losses) == 2
+    assert (first.teacher_dir / "model.safetensors").stat().st_mtime_ns == stamp
+    other = dataclasses.replace(TINY_TEACHER, steps=13)
+    assert cache_key(SMALL, other) != cache_key(SMALL, TINY_TEACHER)
+    assert cache_key(dataclasses.replace(SMALL, seed=6), TINY_TEACHER) != cache_key(
+        SMALL, TINY_TEACHER)
