@@ -96,7 +96,7 @@ _HF_PROJECTIONS: dict[str, tuple[str, ...]] = {
 class QuantizedWeight:
     """One linear's weight as the student's fake quantization sees it: codes times scales.
 
-    ``w_q = codes * scale_per_element`` (up to the rounding of ``w_q`` to the student dtype), with
+    ``w_q = codes * scale_per_element()`` (up to the rounding of ``w_q`` to the student dtype), with
     blocks of ``block_size`` consecutive elements along the input dimension.
     """
 
@@ -121,12 +121,12 @@ class QuantizedWeight:
             return self.scale.to(torch.float64) * self.scale_2.to(torch.float64)
         return self.scale.to(torch.float64)
 
-    def dequantize(self) -> torch.Tensor:
-        """float64 ``[out, in]``: codes times their scales."""
+    def scale_per_element(self) -> torch.Tensor:
+        """float64 multiplier of each code, ``[out, in]`` (0-dim for FP8)."""
         scale = self.scale_per_block()
-        if self.block_size is not None:
-            scale = scale.repeat_interleave(self.block_size, dim=-1)
-        return self.codes.to(torch.float64) * scale
+        if self.block_size is None:
+            return scale
+        return scale.repeat_interleave(self.block_size, dim=-1)
 
     def rows(self, index: torch.Tensor) -> QuantizedWeight:
         """The same weight restricted to output rows ``index`` (block scales follow their rows)."""
@@ -234,7 +234,8 @@ def student_weight_codes(module: torch.nn.Module) -> QuantizedWeight:
             quantizer of an exportable format (:func:`weight_format`).
 
     Returns:
-        Its :class:`QuantizedWeight`; ``dequantize()`` reproduces the fake-quantized weight.
+        Its :class:`QuantizedWeight`: ``codes * scale_per_element()`` is the fake-quantized
+        weight up to its rounding to the weight dtype.
 
     Raises:
         RuntimeError: the fake-quantized weight does not decode onto the format's grid with these
@@ -248,13 +249,17 @@ def student_weight_codes(module: torch.nn.Module) -> QuantizedWeight:
         scale, scale_2 = _scale(module, fmt, weight.float())
     block = None if fmt == "fp8" else quantizer.block_sizes[-1]
     partial = QuantizedWeight(fmt, torch.empty(0), scale, scale_2, block)
-    per_element = partial.scale_per_block()
-    if block is not None:
-        per_element = per_element.repeat_interleave(block, dim=-1)
+    per_element = partial.scale_per_element()
     if fmt == "nvfp4":
-        # The NVFP4 kernel uses scale 1.0 for blocks whose decoded scale is below 1e-5; their
-        # elements are 0 unless the global amax exceeds ~1e5, and 0 decodes at any scale.
-        per_element = torch.where(per_element < 1e-5, 1.0, per_element)
+        # The NVFP4 kernel uses scale 1.0 for blocks whose decoded scale is below 1e-5. Their
+        # elements come out 0 (which any stored scale decodes) unless the global amax is above
+        # ~1e5; a nonzero one would need a scale the checkpoint cannot hold.
+        tiny = per_element < 1e-5
+        if (fake_quantized[tiny] != 0).any():
+            raise RuntimeError("NVFP4 blocks with a decoded scale below 1e-5 hold nonzero "
+                               "weights (global amax above ~1e5); the checkpoint cannot hold "
+                               "the kernel's substitute scale 1.0")
+        per_element = torch.where(tiny, 1.0, per_element)
     ratio = (fake_quantized / per_element).float()
     codes = _to_grid(ratio, fmt)
     off_grid = (ratio - codes).abs() > _DECODE_TOLERANCE * codes.abs().clamp(
@@ -341,11 +346,7 @@ def _student_hf_tensors(model: torch.nn.Module) -> dict[str, QuantizedWeight]:
     out: dict[str, QuantizedWeight] = {}
     quantized = {name.rsplit(".", 1)[0] for name in enabled_quantizers(model)["weight"]}
     for name in sorted(quantized):
-        layer_prefix, _, suffix = name.partition(".layers.")
-        index, _, suffix = suffix.partition(".")
-        if layer_prefix != "decoder" or suffix not in _HF_PROJECTIONS:
-            raise NotImplementedError(f"export covers quantized decoder linears "
-                                      f"{sorted(_HF_PROJECTIONS)}; {name} is quantized too")
+        index, _, suffix = name.removeprefix("decoder.layers.").partition(".")
         module = model.get_submodule(name)
         codes = student_weight_codes(module)
         # decoder.layers.<i> is the local index; at PP = 1 it is the global (HF) one.
@@ -469,7 +470,13 @@ def _check_exportable(model: torch.nn.Module) -> WeightFormat:
             "quantizer; quantize it with nemo_opd.quant.student.quantize_student first (an "
             "unquantized model exports with ModelOpt's export_mcore_gpt_to_hf as is)"
         )
-    formats = Counter(weight_format(model.get_submodule(n.rsplit(".", 1)[0])) for n in names)
+    linears = [name.rsplit(".", 1)[0] for name in names]
+    for linear in linears:
+        prefix, _, rest = linear.partition(".layers.")
+        if prefix != "decoder" or rest.partition(".")[2] not in _HF_PROJECTIONS:
+            raise NotImplementedError(f"export covers quantized decoder linears "
+                                      f"{sorted(_HF_PROJECTIONS)}; {linear} is quantized too")
+    formats = Counter(weight_format(model.get_submodule(linear)) for linear in linears)
     if len(formats) != 1:
         raise NotImplementedError(f"mixed weight formats {dict(formats)} are not exported")
     return next(iter(formats))
