@@ -27,7 +27,7 @@ from typing import Any
 
 from nemo_opd.eval.evaluate import ROLES, is_reporting_rank
 from nemo_opd.eval.exported import BackendUnavailable
-from nemo_opd.eval.tasks import HUB_TASKS, TASK_SETS, LocalTask
+from nemo_opd.eval.tasks import HUB_TASKS, TASK_SETS, LocalTask, resolve_tasks
 
 __all__ = ["main", "build_eval_parser", "build_compare_parser"]
 
@@ -139,6 +139,7 @@ def _open_lm(args: argparse.Namespace) -> Iterator[Any]:
                                  max_length=args.max_length,
                                  numerics=f"HF {numerics_prefix}{args.dtype}")
             return
+        from megatron.core import parallel_state
         from transformers import AutoTokenizer
 
         from nemo_opd.eval.lm import LMConfig, MegatronLM, describe_numerics
@@ -146,7 +147,15 @@ def _open_lm(args: argparse.Namespace) -> Iterator[Any]:
         from nemo_opd.runtime import ParallelConfig, distributed_runtime
 
         parallel = ParallelConfig(tensor_model_parallel_size=args.tp)
-        stack.enter_context(distributed_runtime(parallel))
+        if parallel_state.model_parallel_is_initialized():
+            # Called inside a running job (a recipe, a test): use its runtime, whose layout must
+            # match; a process group cannot be torn down and brought up again in one process.
+            running = parallel_state.get_tensor_model_parallel_world_size()
+            if running != args.tp:
+                raise ValueError(f"--tp {args.tp} differs from the running job's tensor-parallel "
+                                 f"size {running}")
+        else:
+            stack.enter_context(distributed_runtime(parallel))
         model = load_hf_gpt(model_dir, parallel, dtype=_torch_dtype(args.dtype))
         numerics = describe_numerics(model).replace("megatron ", f"megatron {numerics_prefix}")
         yield MegatronLM(model, AutoTokenizer.from_pretrained(model_dir), LMConfig(
@@ -161,12 +170,15 @@ def _evaluate(argv: list[str]) -> int:
     if args.limit is not None and args.limit >= 1:
         args.limit = int(args.limit)
     local = _local_tasks(args.local_task)
+    # Names and data files are checked before any model loads.
+    resolve_tasks(args.tasks, local, data_dir=args.data_dir, num_fewshot=args.num_fewshot)
     name = args.name or args.model.resolve().name
     with _open_lm(args) as lm:
         record = evaluate_model(lm, args.tasks, local_tasks=local, data_dir=args.data_dir,
                                 limit=args.limit, num_fewshot=args.num_fewshot, run_name=name,
                                 role=args.role)
-    if is_reporting_rank():
+        reporting = is_reporting_rank()  # asked while the runtime (if any) is still up
+    if reporting:
         paths = write_report([record], args.out)
         print(Path(paths["md"]).read_text(), end="")
         print(f"wrote {', '.join(str(p) for p in paths.values() if p is not None)}")

@@ -3,7 +3,7 @@
 :func:`evaluate_model` takes a megatron ``GPTModel`` (+ tokenizer) or any lm-eval ``LM`` (our
 :class:`~nemo_opd.eval.lm.MegatronLM`, lm-eval's ``HFLM`` on a dequantised export, TensorRT-LLM),
 resolves task names (:func:`nemo_opd.eval.tasks.resolve_tasks`, every check before the model
-runs), runs ``lm_eval.simple_evaluate`` and returns a :data:`RESULT_SCHEMA` record::
+runs), runs lm-eval's ``evaluate`` and returns a :data:`RESULT_SCHEMA` record::
 
     {"schema": "nemo_opd.eval/1", "run": "student", "role": "student",
      "numerics": "megatron fake-quant fp32",
@@ -35,6 +35,8 @@ __all__ = ["RESULT_SCHEMA", "evaluate_model", "is_reporting_rank", "ROLES"]
 logger = logging.getLogger(__name__)
 
 RESULT_SCHEMA = "nemo_opd.eval/1"
+FEWSHOT_SEED = 1234
+"""lm-eval's default seed for choosing few-shot examples (same prompts as its CLI)."""
 ROLES = ("teacher", "ptq", "student")
 """Roles the results table knows: the PTQ gap is measured between ``teacher`` and ``ptq``."""
 
@@ -77,6 +79,17 @@ def _column(task: ResolvedTask, results: Mapping[str, Any]) -> dict[str, Any]:
             "stderr": None if math.isnan(stderr) else stderr, "n": total}
 
 
+def _set_fewshot(task: Any, num_fewshot: int | None) -> None:
+    """``simple_evaluate``'s few-shot rules: ``num_fewshot`` overrides a task's default unless
+    its config pins 0; no default means 0; few-shot sampling is seeded (lm-eval's 1234)."""
+    default = task.get_config("num_fewshot")
+    if num_fewshot is not None and default != 0:
+        task.set_config(key="num_fewshot", value=num_fewshot)
+    elif default is None:
+        task.set_config(key="num_fewshot", value=0)
+    task.set_fewshot_seed(seed=FEWSHOT_SEED)
+
+
 def evaluate_model(lm_or_model: Any, tasks: Sequence[str] = (), *,
                    local_tasks: Mapping[str, str | Path | LocalTask] | None = None,
                    tokenizer: Any = None, lm_config: LMConfig | None = None,
@@ -109,19 +122,20 @@ def evaluate_model(lm_or_model: Any, tasks: Sequence[str] = (), *,
     lm = _as_lm(lm_or_model, tokenizer, lm_config)
     numerics = numerics or getattr(lm, "numerics", type(lm).__name__)
 
-    from lm_eval import simple_evaluate
+    from lm_eval.evaluator import evaluate
 
     manager = task_manager(tuple(sorted({t.yaml_dir for t in resolved if t.yaml_dir})))
     loaded = manager.load([spec for task in resolved for spec in task.specs])
+    for task in loaded["tasks"].values():
+        _set_fewshot(task, num_fewshot)
     if is_reporting_rank():
         logger.info("evaluating %s (%s) on %s", run_name, numerics,
                     ", ".join(f"{t.name} [{len(t.leaves)} task(s)]" for t in resolved))
-    results = simple_evaluate(
-        model=lm, tasks=list(loaded["tasks"].values()), limit=limit, num_fewshot=num_fewshot,
-        bootstrap_iters=bootstrap_iters, log_samples=False,
-        # Leave the caller's RNGs alone (an in-loop evaluation must not reseed training).
-        random_seed=None, numpy_random_seed=None, torch_random_seed=None,
-    )
+    # lm-eval's lower-level `evaluate`, not `simple_evaluate`: the latter returns results on
+    # LOCAL_RANK 0 only and reseeds the global RNGs (an in-loop evaluation must not reseed
+    # training). Every TP rank gets the same results; callers write from rank 0.
+    results = evaluate(lm=lm, task_dict=loaded, limit=limit, bootstrap_iters=bootstrap_iters,
+                       log_samples=False)
     columns = {task.name: _column(task, results) for task in resolved}
     return {
         "schema": RESULT_SCHEMA,
