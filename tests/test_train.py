@@ -10,6 +10,7 @@ Checks, grouped into few processes (each rank start costs seconds):
 * a NaN loss stops training with a clear error, the last good checkpoint intact and loadable;
 * a save that crashes half-way leaves the previous checkpoint the latest;
 * TP=2 (teacher TP=2 full loss; teacher TP=1 top-k loss) equals TP=1;
+* 2 data-parallel ranks equal 2 accumulated micro batches (loss and gradient norm);
 * teacher/student vocabulary disagreement raises before training.
 """
 
@@ -116,6 +117,22 @@ def _losses(result) -> list[float]:
 _RESUME = dict(distill=DistillConfig(lmbda=1.0, beta=0.5, strategy=StrategyConfig(
     name="replay_buffer", replay_every=2)), checkpoint=CheckpointConfig(save_every=2))
 _TOPK = dict(distill=DistillConfig(lmbda=0.5, beta=0.5, loss="topk", topk=16))
+# One example per micro batch, unshuffled: 2 data-parallel ranks x 1 micro batch must equal
+# 1 rank x 2 accumulated micro batches (same examples, gradients averaged alike).
+_DP_DATA = dict(distill=DistillConfig(lmbda=0.0, beta=0.5), optim=OptimConfig(
+    steps=3, micro_batch_size=1, lr=3e-3))
+
+
+def _dp_reference(dirs: dict[str, str], train_file: str, root: str, *, accumulation: int
+                  ) -> list[tuple[float, float]]:
+    from nemo_opd.train import run_distillation
+
+    changes = dict(_DP_DATA, optim=dataclasses.replace(_DP_DATA["optim"],
+                                                       grad_accumulation=accumulation),
+                   data=DataConfig(train_files=(train_file,), max_response_length=8,
+                                   shuffle=False))
+    result = run_distillation(_config(dirs, train_file, root, **changes))
+    return [(h["loss"], h["grad_norm"]) for h in result.history]
 
 
 def _resume_runs(dirs: dict[str, str], train_file: str, root: str, tp: int) -> dict:
@@ -198,6 +215,7 @@ def _tp1_body(dirs: dict[str, str], train_file: str, root: str) -> dict:
                        "parts": _losses(lora_first) + _losses(lora_second)}
         out["topk"] = _losses(run_distillation(_config(dirs, train_file, f"{root}/tp1_topk",
                                                        **_TOPK)))
+        out["accumulated"] = _dp_reference(dirs, train_file, f"{root}/ga2", accumulation=2)
 
         # NaN stop: an absurd learning rate makes step 2's forward overflow.
         cfg = _config(dirs, train_file, f"{root}/nan", distill=DistillConfig(lmbda=0.0),
@@ -238,15 +256,21 @@ def _tp1_body(dirs: dict[str, str], train_file: str, root: str) -> dict:
 
 
 def _tp2_body(dirs: dict[str, str], train_file: str, root: str) -> dict:
+    import torch.distributed as dist
+
     from nemo_opd.runtime import distributed_runtime
     from nemo_opd.train import run_distillation
 
+    # Created here, so both runtimes below (TP=2, then TP=1 x DP=2) reuse it.
+    dist.init_process_group("gloo")
+    with distributed_runtime(ParallelConfig(1), seed=7):
+        data_parallel = _dp_reference(dirs, train_file, f"{root}/dp2", accumulation=1)
     with distributed_runtime(ParallelConfig(2), seed=7):
         resume = _resume_runs(dirs, train_file, f"{root}/tp2", tp=2)
         # Teacher at TP=1 next to the TP=2 student: only its top-k crosses layouts.
         topk = _losses(run_distillation(_config(dirs, train_file, f"{root}/tp2_topk", tp=2,
                                                 teacher_tp=1, **_TOPK)))
-    return {"resume": resume, "topk": topk}
+    return {"resume": resume, "topk": topk, "data_parallel": data_parallel}
 
 
 @pytest.mark.multirank
@@ -328,6 +352,9 @@ def test_trainer_tp1_and_tp2(tiny_model_dirs, train_file, tmp_path):
                                    (out["topk"], tp2["topk"])):
         torch.testing.assert_close(torch.tensor(tp2_losses), torch.tensor(tp1_losses),
                                    rtol=1e-3, atol=1e-5)
+    # Data parallel: the DP-mean loss and the global grad norm equal gradient accumulation's.
+    torch.testing.assert_close(torch.tensor(tp2["data_parallel"]),
+                               torch.tensor(out["accumulated"]), rtol=1e-6, atol=0)
 
 
 def test_vocab_mismatch_raises_before_training(tiny_model_dirs, train_file, tmp_path):

@@ -281,8 +281,25 @@ class Trainer:
             "lr": lr, "grad_norm": grad_norm,
             "teacher_cache_hits": sum(r.teacher_cache_hit for _, r in results),
         }
+        self._average_over_data_parallel(metrics)
         return {k: (None if isinstance(v, float) and math.isnan(v) else v)
                 for k, v in metrics.items()}
+
+    _DP_MEAN = ("loss", "forward_kl", "reverse_kl", "teacher_nll", "anchor_kl")
+    _DP_SUM = ("loss_tokens",)
+
+    def _average_over_data_parallel(self, metrics: dict[str, Any]) -> None:
+        """Report the step's loss and divergences over the whole global batch: means over the
+        data-parallel ranks (each rank's value is already identical over TP), token counts
+        summed. Timings stay this rank's."""
+        if self.dp_group is None or dist.get_world_size(self.dp_group) == 1:
+            return
+        keys = self._DP_MEAN + self._DP_SUM
+        values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+        dist.all_reduce(values, group=self.dp_group)
+        size = dist.get_world_size(self.dp_group)
+        for key, value in zip(keys, values.tolist(), strict=True):
+            metrics[key] = value / size if key in self._DP_MEAN else int(value)
 
     def _nonfinite(self, step: int, detail: str) -> NonFiniteLossError:
         where = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint
