@@ -147,6 +147,22 @@ def _unknown_char_tokenizer(model_dir: str):
                                    pad_token="<pad>")
 
 
+def _run_hook(model, tok, task_files: dict[str, str], out_dir: Path) -> dict:
+    """Five training steps with an evaluation every second one, as the trainer calls it."""
+    from nemo_opd.eval import make_eval_hook
+
+    seen = []
+    hook = make_eval_hook(["arith_mc"], every_n_steps=2, tokenizer=tok, local_tasks=task_files,
+                          out_dir=out_dir / "hook", on_result=lambda step, r: seen.append(step))
+    model.train()
+    rng = torch.get_rng_state()
+    returned = [hook(step, model) is not None for step in range(5)]
+    return {"returned": returned, "history": [(r["step"], r["tasks"]["arith_mc"]["value"])
+                                              for r in hook.history],
+            "on_result": seen, "training": model.training,
+            "rng_untouched": torch.equal(rng, torch.get_rng_state())}
+
+
 def _eval_job(model_dirs: dict[str, str], task_files: dict[str, str], hub_dir: str,
               cli_out: str, greedy_pairs: list[tuple[str, str]]) -> dict:
     from lm_eval.models.huggingface import HFLM
@@ -186,6 +202,7 @@ def _eval_job(model_dirs: dict[str, str], task_files: dict[str, str], hub_dir: s
                                                        run_name=name)
                                   for name, lm in full.items()}
                 out["hub"] = evaluate_model(full["tp2"], ["hellaswag"], data_dir=hub_dir)
+                out["hook"] = _run_hook(tp2.model, tok, task_files, Path(cli_out).parent)
                 bad = MegatronLM(tp2.model, _unknown_char_tokenizer(model_dir))
                 try:
                     bad.loglikelihood(_instances("loglikelihood", [("the cat", " ate zebras")]))
@@ -267,6 +284,19 @@ def test_cli_eval_at_tp2_writes_table_json_and_plot(eval_job):
     markdown = (root / "cli" / "report.md").read_text()
     assert "| cli | megatron fp32 | 0.500 | 0.500 | – |" in markdown
     _check_plot(root / "cli" / "report.png", report)
+
+
+@pytest.mark.multirank
+def test_in_loop_hook_evaluates_every_n_steps_and_leaves_training_alone(eval_job):
+    results, expected, root = eval_job
+    for rank, result in enumerate(results):
+        hook = result["hook"]
+        assert hook["returned"] == [False, False, True, False, True]
+        assert hook["history"] == [(2, expected["arith_mc"]), (4, expected["arith_mc"])]
+        assert hook["training"] and hook["rng_untouched"]
+        assert hook["on_result"] == ([2, 4] if rank == 0 else [])  # rank 0 reports
+    written = json.loads((root / "cli" / "hook" / "step_4.json").read_text())
+    assert written["run"] == "student@4" and written["step"] == 4
 
 
 @pytest.mark.multirank
@@ -411,6 +441,61 @@ def test_export_dir_dequantises_to_a_plain_hf_model(tiny_model_dirs, tmp_path):
         expected = reference(ids).logits
         actual = _hf_model(str(plain))(ids).logits
     torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5 * expected.abs().max())
+
+
+EXPORT_FORMATS = ("int4", "fp8", "mxfp4", "nvfp4")
+
+
+def _export_job(model_dir: str, out_root: str) -> dict:
+    """Per format: the student's weight-only log-likelihoods (megatron fake quant) and lm-eval's
+    HFLM on the dequantised export of it (export_student, fp32), plus the unquantized model's."""
+    import modelopt.torch.quantization as mtq
+    from transformers import AutoTokenizer
+
+    from nemo_opd.eval import MegatronLM, dequantize_export, hf_lm
+    from nemo_opd.models import load_hf_gpt
+    from nemo_opd.quant.export import export_student
+    from nemo_opd.quant.student import quantize_student
+    from nemo_opd.runtime import distributed_runtime
+
+    requests = _instances("loglikelihood", LOGLIK_REQUESTS)
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(16).expand_as(ids)
+    out = {}
+    with distributed_runtime():
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        out["unquantized"] = [lp for lp, _ in MegatronLM(load_hf_gpt(model_dir), tok)
+                              .loglikelihood(requests)]
+        for fmt in EXPORT_FORMATS:
+            student = quantize_student(load_hf_gpt(model_dir), fmt,
+                                       lambda m: m(ids, positions, attention_mask=None))
+            export_student(student, model_dir, f"{out_root}/{fmt}", dtype=torch.float32,
+                           tokenizer_dir=model_dir)
+            # The dequantised checkpoint carries the weight codes; activations run unquantized.
+            mtq.disable_quantizer(student, "*input_quantizer")
+            plain = dequantize_export(f"{out_root}/{fmt}", f"{out_root}/{fmt}_plain",
+                                      dtype=torch.float32)
+            hf = hf_lm(plain, dtype="float32", batch_size=3, numerics="HF dequantised fp32")
+            out[fmt] = {"megatron": [lp for lp, _ in MegatronLM(student, tok)
+                                     .loglikelihood(requests)],
+                        "hf": [lp for lp, _ in hf.loglikelihood(requests)],
+                        "numerics": hf.numerics}
+    return out
+
+
+@pytest.mark.multirank
+def test_dequantised_export_scores_as_the_fake_quant_student(tiny_quant_model_dir, tmp_path):
+    """export_student's checkpoint, dequantised and run by lm-eval's HFLM, gives the student's
+    own (megatron fake-quant, weight-only) log-likelihoods, for every exported format."""
+    (result,) = run_ranks(_export_job, world_size=1, timeout=600,
+                          model_dir=tiny_quant_model_dir, out_root=str(tmp_path))
+    for fmt in EXPORT_FORMATS:
+        assert result[fmt]["numerics"] == "HF dequantised fp32"
+        for megatron, hf in zip(result[fmt]["megatron"], result[fmt]["hf"], strict=True):
+            assert abs(megatron - hf) < LOGLIK_TOL, (fmt, megatron, hf)
+        # Quantization moved the scores, so agreeing is not a coincidence of no-ops.
+        assert max(abs(m - b) for m, b in zip(result[fmt]["megatron"], result["unquantized"],
+                                              strict=True)) > 1e-3, fmt
 
 
 def test_trtllm_backend_says_what_is_missing(tmp_path, capsys):

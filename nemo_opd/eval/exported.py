@@ -5,13 +5,16 @@ Two ways, each labelled with its numerics in the results:
 * **HF dequantised** — :func:`dequantize_export` turns the packed weights back into a plain HF
   model directory (``weight = codes × scales``, AWQ pre-quant scales folded into the weight's
   input columns), which lm-eval's own ``HFLM`` (:func:`hf_lm`) or our megatron path then
-  evaluates. This measures exactly the exported codes, on any machine.
+  evaluates. This measures exactly the exported weight codes, on any machine; activations
+  run unquantized (an FP8 / W4A8 export's activation quantization is TensorRT-LLM's to apply).
 * **TRT-LLM** — :func:`trtllm_lm` serves the export unchanged with TensorRT-LLM through lm-eval's
   ``trtllm`` model (NGC containers; raises :class:`BackendUnavailable` elsewhere).
 
 Dequantisers are looked up by the checkpoint's ``quant_algo`` in :data:`DEQUANTIZERS`; another
 format plugs in with :func:`register_dequantizer`. Built in: FP8 (per tensor / per channel),
-INT8 weight-only and SmoothQuant, INT4 AWQ and W4A8 AWQ (ModelOpt's two-per-byte packing).
+INT8 weight-only and SmoothQuant, INT4 blockwise (``INT4_AWQ``, ``W4A16_AWQ``, ``W4A8_AWQ``:
+ModelOpt's two-rows-per-byte packing), NVFP4 and MXFP4 (two input neighbours per byte), i.e.
+every format :func:`nemo_opd.quant.export.export_student` writes.
 """
 
 from __future__ import annotations
@@ -79,7 +82,7 @@ def _int8(tensors: dict[str, torch.Tensor], prefix: str, quant: dict[str, Any]) 
     return _fold_pre_quant_scale(weight, tensors, prefix)
 
 
-@register_dequantizer("INT4_AWQ", "W4A8_AWQ")
+@register_dequantizer("INT4_AWQ", "W4A16_AWQ", "W4A8_AWQ")
 def _int4_blockwise(tensors: dict[str, torch.Tensor], prefix: str,
                     quant: dict[str, Any]) -> torch.Tensor:
     """ModelOpt's ``pack_int4_in_uint8``: byte ``[i, j]`` holds rows ``2i`` (low nibble) and
@@ -91,6 +94,37 @@ def _int4_blockwise(tensors: dict[str, torch.Tensor], prefix: str,
     block = codes.shape[-1] // scale.shape[-1]
     weight = codes.float() * scale.repeat_interleave(block, dim=-1)
     return _fold_pre_quant_scale(weight, tensors, prefix)
+
+
+_E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+
+def _fp4_codes(packed: torch.Tensor) -> torch.Tensor:
+    """E2M1 values ``[out, in]`` from bytes holding input-dim neighbours ``2j`` (low nibble) and
+    ``2j + 1`` (high nibble); bit 3 of a nibble is the sign, bits 0-2 index the magnitude."""
+    packed = packed.view(torch.uint8)
+    nibbles = torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+    values = torch.tensor(_E2M1_VALUES)[(nibbles & 0x7).long()]
+    return torch.where(nibbles >= 8, -values, values)
+
+
+def _blockwise(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return codes * scale.repeat_interleave(codes.shape[-1] // scale.shape[-1], dim=-1)
+
+
+@register_dequantizer("NVFP4", "W4A16_NVFP4")
+def _nvfp4(tensors: dict[str, torch.Tensor], prefix: str, quant: dict[str, Any]) -> torch.Tensor:
+    """E2M1 codes × E4M3 block scale (16 elements) × float32 global ``weight_scale_2``."""
+    scale = (tensors[f"{prefix}.weight_scale"].float()
+             * tensors[f"{prefix}.weight_scale_2"].float())
+    return _blockwise(_fp4_codes(tensors[f"{prefix}.weight"]), scale)
+
+
+@register_dequantizer("MXFP4", "W4A16_MXFP4")
+def _mxfp4(tensors: dict[str, torch.Tensor], prefix: str, quant: dict[str, Any]) -> torch.Tensor:
+    """E2M1 codes × ``2^(e − 127)`` per 32-element block (E8M0 exponents stored as uint8)."""
+    exponent = tensors[f"{prefix}.weight_scale"].view(torch.uint8).float()
+    return _blockwise(_fp4_codes(tensors[f"{prefix}.weight"]), torch.exp2(exponent - 127))
 
 
 def _fold_pre_quant_scale(weight: torch.Tensor, tensors: dict[str, torch.Tensor],
