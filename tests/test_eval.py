@@ -156,7 +156,7 @@ def _run_hook(model, tok, task_files: dict[str, str], out_dir: Path) -> dict:
                           out_dir=out_dir / "hook", on_result=lambda step, r: seen.append(step))
     model.train()
     rng = torch.get_rng_state()
-    returned = [hook(step, model) is not None for step in range(5)]
+    returned = [hook(model, step) for step in range(5)]
     return {"returned": returned, "history": [(r["step"], r["tasks"]["arith_mc"]["value"])
                                               for r in hook.history],
             "on_result": seen, "training": model.training,
@@ -291,7 +291,8 @@ def test_in_loop_hook_evaluates_every_n_steps_and_leaves_training_alone(eval_job
     results, expected, root = eval_job
     for rank, result in enumerate(results):
         hook = result["hook"]
-        assert hook["returned"] == [False, False, True, False, True]
+        metrics = {"eval/arith_mc": expected["arith_mc"], "eval/average": expected["arith_mc"]}
+        assert hook["returned"] == [None, None, metrics, None, metrics]
         assert hook["history"] == [(2, expected["arith_mc"]), (4, expected["arith_mc"])]
         assert hook["training"] and hook["rng_untouched"]
         assert hook["on_result"] == ([2, 4] if rank == 0 else [])  # rank 0 reports
