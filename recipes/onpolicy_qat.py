@@ -40,15 +40,17 @@ from nemo_opd.launch.plans import DEMO, EvalPlan, ExportPlan
 from nemo_opd.launch.recipe import config_tree, recipe_main
 from nemo_opd.launch.stages import (
     check_inputs_exist,
+    configure_logging,
     evaluate_export,
     evaluator,
     export_trained_student,
     log_rank0,
+    reuse_or_evaluate,
     use_demo_assets,
     write_results,
 )
 from nemo_opd.rollout.engine import SamplingParams
-from nemo_opd.runtime import ParallelConfig, distributed_runtime, runtime_device
+from nemo_opd.runtime import ParallelConfig, distributed_runtime
 
 logger = logging.getLogger("onpolicy_qat")
 
@@ -78,8 +80,10 @@ def onpolicy_qat(
     ``demo_dir`` on first use). Returns the results table (also in
     ``<output_dir>/results.json``).
     """
-    from nemo_opd.train import run_distillation
+    from nemo_opd.train import load_checkpoint, run_distillation
+    from nemo_opd.train.optim import build_optimizer
     from nemo_opd.train.setup import (
+        build_fresh_student_shell,
         build_student,
         build_teacher,
         calibration_batches,
@@ -88,6 +92,7 @@ def onpolicy_qat(
         teacher_groups,
     )
 
+    configure_logging()
     with distributed_runtime(model.student_parallel, seed=seed):
         # 1. The config. The demo's teacher is trained and cached the first time only.
         model, data, evaluation = use_demo_assets(model, data, evaluation, demo_dir)
@@ -95,21 +100,31 @@ def onpolicy_qat(
                         optim=optim, checkpoint=checkpoint, logging=logging,
                         output_dir=output_dir, eval_every=eval_every, seed=seed)
         check_inputs_exist(cfg)  # a missing model or data file fails before any weight loads
+        log_rank0(logger, "student %s -> %s, teacher %s, %d steps, output in %s",
+                  cfg.model.student, cfg.quant.format, cfg.model.teacher or "(self)",
+                  cfg.total_steps, cfg.output_dir)
+        out = Path(cfg.output_dir)
         tokenizer = load_tokenizer(cfg.model.tokenizer_path)
         evaluate = evaluator(evaluation, tokenizer)
-        records = []
 
-        # 2. Baselines: the full-precision teacher, then the student quantized but not trained.
-        # One model at a time: each is freed before the next loads.
-        teacher = build_teacher(cfg, teacher_groups(cfg)[0])
-        records.append(evaluate(teacher, run_name="teacher", role="teacher"))
-        del teacher
+        # 2. Baselines: the full-precision teacher, then the student quantized but not trained
+        # (what the trainer starts from: same calibration batches). One model in memory at a
+        # time; a requeued job reuses the records saved by its first attempt.
         examples, _ = load_examples(cfg, tokenizer)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
-            else tokenizer.eos_token_id  # the trainer's rule, so PTQ = its initial student
-        ptq = build_student(cfg, calibration_batches(cfg, examples, pad_id))
-        records.append(evaluate(ptq, run_name=f"PTQ {cfg.quant.format}", role="ptq"))
-        del ptq
+            else tokenizer.eos_token_id
+        baseline = {"model": cfg.model, "quant": cfg.quant, "data": cfg.data, "seed": cfg.seed,
+                    "optim.micro_batch_size": cfg.optim.micro_batch_size,
+                    "evaluation": evaluation}
+        fingerprint = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
+                       for k, v in baseline.items()}
+        records = [
+            reuse_or_evaluate(out / "eval_teacher.json", fingerprint, lambda: evaluate(
+                build_teacher(cfg, teacher_groups(cfg)[0]), run_name="teacher", role="teacher")),
+            reuse_or_evaluate(out / "eval_ptq.json", fingerprint, lambda: evaluate(
+                build_student(cfg, calibration_batches(cfg, examples, pad_id)),
+                run_name=f"PTQ {cfg.quant.format}", role="ptq")),
+        ]
 
         # 3. Distillation. The hook evaluates every `eval_every` steps and after the last one;
         # that last call also exports the trained student while it is in memory.
@@ -126,13 +141,31 @@ def onpolicy_qat(
         result = run_distillation(cfg, eval_hook=eval_hook)
         log_rank0(logger, "distilled %d steps; last checkpoint %s", result.steps_done,
                   result.last_checkpoint)
+        if records[-1]["role"] != "student":
+            # A requeued job whose training had already finished: the loop ran no step, so the
+            # hook never saw the trained student; evaluate (and export) its final checkpoint.
+            student = load_checkpoint(result.last_checkpoint, build_fresh_student_shell(cfg),
+                                      lambda model: build_optimizer(model, cfg.optim))[0]
+            eval_hook(student, cfg.total_steps)
+            del student
 
-        # 4. The deployable artifact, through lm-eval's HF model on the dequantised export.
-        if exported:
-            records.append(evaluate_export(exported[0], evaluation, runtime_device()))
+        # 4. The deployable artifact: its packed codes, dequantised, through lm-eval's HF model
+        # (and TensorRT-LLM where installed). A failure here must not lose the table of a long
+        # run: it is written first, then the failure is raised.
+        export_error = None
+        if exported and export.evaluate:
+            try:
+                records += evaluate_export(exported[0], evaluation,
+                                           run_name=f"export {cfg.quant.format}")
+            except (ValueError, NotImplementedError, RuntimeError) as err:
+                export_error = err
 
         # 5. The seeds' table.
-        return write_results(records, Path(cfg.output_dir), history=result.evaluations)
+        table = write_results(records, out, history=result.evaluations)
+        if export_error is not None:
+            raise RuntimeError(f"evaluating the export in {exported[0]} failed ({export_error}); "
+                               f"the table without it is in {out}/results.json") from export_error
+        return table
 
 
 # ------------------------------------------------------------------------------------ presets

@@ -252,7 +252,9 @@ def test_sbatch_for_two_nodes_of_eight_gpus(recipe, tmp_path, monkeypatch):
         container_image="/shared/containers/nemo_opd.sqsh", packager="none",
         container_mounts="/lustre/u:/lustre/u,/models:/models:ro", job_dir="/shared/jobs")
     check_world_fits(executor, built_arguments(task)["model"].student_parallel)
-    script = render_sbatch(task, executor, "qat2x8")
+    script, experiment_dir = render_sbatch(task, executor, "qat2x8")
+    config = next(experiment_dir.rglob("qat2x8_config.yaml")).read_text()
+    assert "_target_: onpolicy_qat.onpolicy_qat" in config and "/models/Qwen3-4B" in config
     subprocess.run(["bash", "-n"], input=script, text=True, check=True)  # valid bash
     flags = set(re.findall(r"^#SBATCH (\S+)$", script, re.M))
     assert {"--nodes=2", "--gpus-per-node=8", "--ntasks-per-node=1", "--account=acct",
@@ -340,3 +342,27 @@ def test_enroot_import_script_arguments(tmp_path):
     suffix = subprocess.run(["bash", str(script), "img", str(tmp_path / "x.tar")],
                             capture_output=True, text=True)
     assert suffix.returncode == 2 and "must end in .sqsh" in suffix.stderr
+
+
+def test_sweep_checks_every_point_before_running():
+    spec = importlib.util.spec_from_file_location("sweep_recipe", ROOT / "recipes/sweep.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    points = sweep.grid((0.0, 1.0), (0.5,), (1e-5, 2e-5))
+    assert [p.name for p in points] == ["lmbda0_beta0.5_lr1e-05", "lmbda0_beta0.5_lr2e-05",
+                                        "lmbda1_beta0.5_lr1e-05", "lmbda1_beta0.5_lr2e-05"]
+    assert sweep.point_args(points[0], "tiny", ("optim.steps=3",), "/r") == [
+        "--factory", "tiny", "distill.lmbda=0.0", "distill.beta=0.5", "optim.lr=1e-05",
+        "output_dir=/r/lmbda0_beta0.5_lr1e-05", "optim.steps=3"]
+    with pytest.raises(ValueError, match="sweep betas is empty"):
+        sweep.grid((0.0,), (), ())
+    good = {"preset": "tiny", "lmbdas": (0.0, 1.0), "betas": (0.0,), "lrs": (),
+            "overrides": ("optim.steps=3", "optim.warmup_steps=0")}
+    sweep.check(good, None)
+    with pytest.raises(ValueError, match=r"DistillConfig.lmbda must be a number in \[0, 1\], "
+                                         r"got 2.0"):
+        sweep.check({**good, "lmbdas": (0.0, 2.0)}, None)
+    with pytest.raises(RecipeError, match="unknown preset 'tiney'; did you mean tiny"):
+        sweep.check({**good, "preset": "tiney"}, None)
+    with pytest.raises(RecipeError, match="unknown override key 'optim.step'"):
+        sweep.check({**good, "overrides": ("optim.step=3",)}, None)

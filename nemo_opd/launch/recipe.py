@@ -37,6 +37,7 @@ from typing import Any
 
 import fiddle as fdl
 import nemo_run as run
+import typer
 from nemo_run.cli.api import Entrypoint, RunContext, RunContextError
 from nemo_run.config import get_type_namespace
 
@@ -237,16 +238,19 @@ def built_arguments(task: run.Partial) -> dict[str, Any]:
     return dict(bound.arguments)
 
 
-def render_sbatch(task: run.Partial, executor: run.SlurmExecutor, name: str) -> str:
-    """The sbatch script NeMo-Run would submit for ``task`` on ``executor``, without submitting
-    (NeMo-Run's dry run, quiet, its experiment directory removed afterwards)."""
+def render_sbatch(task: run.Partial, executor: run.SlurmExecutor, name: str) -> tuple[str, Path]:
+    """``(script, experiment_dir)``: the sbatch script NeMo-Run would submit for ``task`` on
+    ``executor``, from its dry run (quiet, nothing submitted), and the local experiment
+    directory that dry run left: the job's serialized configs (``*/configs``), which a real
+    launch copies to ``executor.job_dir``."""
     with contextlib.redirect_stdout(io.StringIO()), \
             run.Experiment(name, executor=executor, log_level="ERROR") as experiment:
         experiment.add(task, executor=executor, name=name)
-        experiment.dryrun(log=False)
+        experiment.dryrun(log=False, delete_exp_dir=False)
         # NeMo-Run keeps the scheduler request of a dry run on the job; materialize() is the
         # text `sbatch` would receive.
-        return experiment.jobs[0]._dryrun_info.request.materialize()
+        script = experiment.jobs[0]._dryrun_info.request.materialize()
+        return script, Path(experiment._exp_dir)
 
 
 def _first_part(err: Exception) -> str:
@@ -324,13 +328,24 @@ def recipe_main(fn: Callable, *, default_preset: Callable[[], run.Partial],
                 raise RecipeError(_first_part(err)) from err
             if self.dryrun and isinstance(self.executor, run.SlurmExecutor):
                 out = Path(os.environ.get("NEMO_OPD_SBATCH_OUT", f"{fn.__name__}.sbatch"))
-                out.write_text(render_sbatch(task, self.executor, self.name))
-                print(f"sbatch script written to {out} (not submitted: --dryrun)")
+                script, experiment_dir = render_sbatch(task, self.executor, self.name)
+                out.write_text(script)
+                print(f"sbatch script written to {out} (not submitted: --dryrun); the job's "
+                      f"configs are in {experiment_dir}")
             for name, value in default_kwargs.items():  # the experiment's `ctx`
                 setattr(task, name, value)
             return task
 
     class RecipeEntrypoint(Entrypoint):
+        def main(self, cmd_defaults: dict[str, Any] | None = None) -> None:
+            # NeMo-Run's main() runs the app with standalone_mode=False and drops its exit
+            # code, so a refused run would exit 0; pass the code on.
+            app = typer.Typer(help=self.help_str, pretty_exceptions_enable=False)
+            self._add_command(app, is_main=True, cmd_defaults=cmd_defaults)
+            code = app(standalone_mode=False)
+            if isinstance(code, int) and code:
+                sys.exit(code)
+
         def help(self, console: Any = None, with_docs: bool = True) -> None:
             # Replaces NeMo-Run's argument table: it lists only the top-level sections.
             name = _preset_name_from_argv(sys.argv)

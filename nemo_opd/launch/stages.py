@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,9 +23,11 @@ from nemo_opd.launch.plans import DEMO, EvalPlan, ExportPlan
 __all__ = [
     "is_rank0",
     "log_rank0",
+    "configure_logging",
     "use_demo_assets",
     "check_inputs_exist",
     "evaluator",
+    "reuse_or_evaluate",
     "export_trained_student",
     "evaluate_export",
     "write_results",
@@ -47,6 +50,13 @@ def _barrier() -> None:
 def log_rank0(log: logging.Logger, message: str, *args: Any) -> None:
     if is_rank0():
         log.info(message, *args)
+
+
+def configure_logging() -> None:
+    """INFO to the console on rank 0 (torchrun's ``RANK``), warnings only on the others."""
+    rank0 = os.environ.get("RANK", "0") == "0"
+    logging.basicConfig(level=logging.INFO if rank0 else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
 def use_demo_assets(model: ModelConfig, data: DataConfig, evaluation: EvalPlan,
@@ -136,12 +146,68 @@ def export_trained_student(student: torch.nn.Module, cfg: RunConfig, plan: Expor
     return [export_dir]
 
 
-def evaluate_export(export_dir: Path, plan: EvalPlan, device: torch.device
-                    ) -> dict[str, Any]:
-    """The export's results record, through lm-eval's HF model on its dequantised weights."""
-    from nemo_opd.eval.export import evaluate_export_dir
+def reuse_or_evaluate(path: Path, fingerprint: dict[str, Any],
+                      evaluate: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """The record saved in ``path`` when it was made with an equal ``fingerprint`` (so a requeued
+    or resumed job does not re-evaluate its baselines), else ``evaluate()``, saved by rank 0."""
+    import json
 
-    return evaluate_export_dir(export_dir, plan, device)
+    fingerprint = json.loads(json.dumps(fingerprint))  # tuples -> lists, as read back
+    _barrier()  # every rank decides on the same file state (rank 0 may be about to write it)
+    saved = json.loads(path.read_text()) if path.is_file() else None
+    _barrier()
+    if saved is not None and saved.get("fingerprint") == fingerprint:
+        log_rank0(logger, "reusing %s (same models, quantization, data and evaluation)", path)
+        return saved["record"]
+    record = evaluate()
+    if is_rank0():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"fingerprint": fingerprint, "record": record}, indent=2))
+    return record
+
+
+def evaluate_export(export_dir: Path, plan: EvalPlan, *, run_name: str) -> list[dict[str, Any]]:
+    """Results records of the export (rank 0; ``[]`` elsewhere): lm-eval's HF model on its
+    dequantised weights (fp32 on CPU, the export's dtype on GPU), and TensorRT-LLM serving it
+    unchanged where ``tensorrt_llm`` is installed (the NGC TensorRT-LLM container)."""
+    if not is_rank0():
+        return []
+    import importlib.util
+    import tempfile
+
+    from nemo_opd.eval import exported
+
+    # On CPU fp32: bf16 matmuls there are slow, and the dequantised codes are exact in fp32.
+    cpu_dtype = "float32" if not torch.cuda.is_available() else None
+    records = []
+    with tempfile.TemporaryDirectory(prefix="nemo_opd_export_") as scratch:
+        dtype = cpu_dtype or _export_dtype(export_dir)
+        hf_dir = exported.dequantize_export(export_dir, Path(scratch) / "dequantised",
+                                            dtype=_DTYPES[dtype])
+        lm = exported.hf_lm(hf_dir, dtype=dtype, batch_size=plan.batch_size,
+                            numerics=f"HF dequantised {dtype}")
+        records.append(_evaluate_lm(lm, plan, run_name=f"{run_name} (HF dequantised)"))
+    if importlib.util.find_spec("tensorrt_llm") is not None:
+        lm = exported.trtllm_lm(export_dir)
+        records.append(_evaluate_lm(lm, plan, run_name=f"{run_name} (TRT-LLM)"))
+    else:
+        logger.info("TensorRT-LLM is not installed: the export is evaluated through HF only")
+    return records
+
+
+def _export_dtype(export_dir: Path) -> str:
+    import json
+
+    config = json.loads((export_dir / "config.json").read_text())
+    return str(config.get("torch_dtype") or config.get("dtype") or "bfloat16")
+
+
+def _evaluate_lm(lm: Any, plan: EvalPlan, *, run_name: str) -> dict[str, Any]:
+    from nemo_opd.eval.evaluate import evaluate_model
+
+    return evaluate_model(lm, plan.tasks, local_tasks=plan.local_task_files,
+                          data_dir=plan.data_dir or None, limit=plan.limit,
+                          num_fewshot=plan.num_fewshot, run_name=run_name, role="student")
 
 
 def write_results(records: list[dict[str, Any]], output_dir: Path, *,
