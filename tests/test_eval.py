@@ -208,6 +208,13 @@ def _eval_job(model_dirs: dict[str, str], task_files: dict[str, str], hub_dir: s
                     bad.loglikelihood(_instances("loglikelihood", [("the cat", " ate zebras")]))
                 except TokenizerRoundTripError as err:
                     out["round_trip_error"] = str(err)
+                out["request_errors"] = []
+                for gen_kwargs in ({"until": ["\n"], "max_gen_toks": ROLLING_MAX_LENGTH},
+                                   {"until": ["\n"], "do_sample": True, "temperature": 0.7}):
+                    try:
+                        tp2.generate_until(_instances("generate_until", [("the cat", gen_kwargs)]))
+                    except ValueError as err:
+                        out["request_errors"].append(str(err))
     return out
 
 
@@ -301,10 +308,13 @@ def test_in_loop_hook_evaluates_every_n_steps_and_leaves_training_alone(eval_job
 
 
 @pytest.mark.multirank
-def test_tokenizer_that_cannot_round_trip_is_refused(eval_job):
+def test_bad_requests_are_refused_before_any_forward(eval_job):
     results, _, _ = eval_job
     message = results[0]["round_trip_error"]
     assert "cannot round-trip" in message and "zebras" in message
+    budget, sampling = results[0]["request_errors"]
+    assert f"max_gen_toks = {ROLLING_MAX_LENGTH} leaves no room" in budget
+    assert "decodes greedily only" in sampling
 
 
 def _check_plot(path: Path, report: dict) -> None:

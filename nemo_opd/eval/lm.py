@@ -327,9 +327,13 @@ class MegatronLM(TemplateLM):
         args = [req.args for req in requests]
         self.check_round_trip(context for context, _ in args)
         for context, gen_kwargs in args:
-            if normalize_gen_kwargs(gen_kwargs, self.config.max_gen_toks).get("do_sample"):
+            kwargs = normalize_gen_kwargs(gen_kwargs, self.config.max_gen_toks)
+            if kwargs.get("do_sample"):
                 raise ValueError(f"MegatronLM decodes greedily only; a request asks for sampling "
                                  f"with {gen_kwargs} (context {context[:60]!r})")
+            if kwargs["max_gen_toks"] >= self._max_length:
+                raise ValueError(f"max_gen_toks = {kwargs['max_gen_toks']} leaves no room for "
+                                 f"the context in max_length = {self._max_length}")
         collator = Collator(args, sort_fn=lambda a: (-len(self.tok_encode(a[0])), a[0]),
                             group_by="gen_kwargs", group_fn=lambda a: a[1])
         eos_text = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
@@ -341,10 +345,10 @@ class MegatronLM(TemplateLM):
             kwargs = normalize_gen_kwargs(all_kwargs[0], self.config.max_gen_toks)
             stop = handle_stop_sequences(kwargs.pop("until", None), eos=eos_text)
             max_new = int(kwargs.pop("max_gen_toks"))
-            if max_new >= self._max_length:
-                raise ValueError(f"max_gen_toks = {max_new} leaves no room for the context in "
-                                 f"max_length = {self._max_length}")
-            encoded = [self.tok_encode(c)[-(self._max_length - max_new):] for c in contexts]
+            # Contexts keep their last max_length - max_new tokens (HFLM's left truncation); an
+            # empty one starts from the prefix token, as an empty loglikelihood context does.
+            encoded = [self.tok_encode(c)[-(self._max_length - max_new):] or [self.prefix_token_id]
+                       for c in contexts]
             for context, gen_kwargs, tokens in zip(
                     contexts, all_kwargs, self._greedy_decode(encoded, max_new, stop), strict=True):
                 text = postprocess_generated_text(self.tok_decode(tokens), stop, None)
