@@ -133,7 +133,7 @@ def record_teacher(model_dir: str | Path, task: AdditionTask,
     run = train_teacher(model_dir, task, teacher)
     (run.model_dir / _KEY_FILE).write_text(json.dumps(
         {"key": cache_key(task, teacher), "train_seconds": round(run.train_seconds, 1),
-         "final_loss": run.final_loss}, indent=1) + "\n")
+         "final_loss": round(run.final_loss, 4)}, indent=1) + "\n")
     return run
 
 

@@ -53,10 +53,10 @@ class TeacherConfig:
     """Linear warmup steps (< steps)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
-    outlier_channels: int = 0
+    outlier_channels: int = 16
     """Hidden channels given outlier weights after training (0: none), see
     :func:`add_outlier_channels`."""
-    outlier_scale: float = 1.0
+    outlier_scale: float = 8.0
     """Factor by which those channels' input weights grow (their norm weights shrink by it); a
     power of two, so the rescaling is exact in any float format and commutes with the bf16
     rounding of the saved weights."""
