@@ -212,7 +212,17 @@ def _tp1_body(dirs: dict[str, str], train_file: str, root: str) -> dict:
         lora_first = run_distillation(lora_cfg, stop_after=1)
         lora_second = run_distillation(lora_cfg)
         out["lora"] = {"full": _losses(lora_full),
-                       "parts": _losses(lora_first) + _losses(lora_second)}
+                       "parts": _losses(lora_first) + _losses(lora_second),
+                       "kept": sorted(p.name for p in lora_full.last_checkpoint.parent.iterdir())}
+
+        # Self-distillation (teacher = the student's original weights; unquantized student):
+        # the first step's divergence is zero; with few-shot context for the teacher only, not.
+        for name, context in (("self", ""), ("context", "question: what is 2 plus 2? answer: 4\n")):
+            cfg = _config(dirs, train_file, f"{root}/{name}", quant=QuantConfig(format="none"),
+                          model=ModelConfig(student=dirs["llama"]),
+                          distill=DistillConfig(lmbda=0.5, beta=0.5, teacher_context=context),
+                          optim=OptimConfig(steps=1, micro_batch_size=2))
+            out[name] = _losses(run_distillation(cfg))[0]
         out["topk"] = _losses(run_distillation(_config(dirs, train_file, f"{root}/tp1_topk",
                                                        **_TOPK)))
         out["accumulated"] = _dp_reference(dirs, train_file, f"{root}/ga2", accumulation=2)
@@ -333,6 +343,11 @@ def test_trainer_tp1_and_tp2(tiny_model_dirs, train_file, tmp_path):
     assert resume["full"] == resume["parts"]  # exact
     assert out["lora"]["full"] == out["lora"]["parts"]
     assert len(set(out["lora"]["full"])) == 3  # the adapters do train
+    assert out["lora"]["kept"] == ["step_00000002", "step_00000003"]  # keep_last = 2
+
+    # float32 log-softmax of ~6-nat log-probs rounds at ~1e-6: identical models give ~1e-7
+    assert abs(out["self"]) < 1e-5, out["self"]
+    assert out["context"] > 1e-4, out["context"]  # ~2.6e-4: 10x above the noise bound
 
     assert out["nan_error"] is not None and "step 1" in out["nan_error"], out["nan_error"]
     assert "last good checkpoint" in out["nan_error"]

@@ -135,9 +135,10 @@ def build_student(cfg: RunConfig, calibration: list[torch.Tensor]) -> torch.nn.M
                           dtype=_DTYPES[cfg.model.student_dtype])
     if cfg.quant.format != "none":
         def forward_loop(model: torch.nn.Module) -> None:
+            device = next(model.parameters()).device
             with torch.no_grad():
                 for tokens in calibration:
-                    model_logits(model, tokens)
+                    model_logits(model, tokens.to(device))
 
         quantize_student(student, cfg.quant.format, forward_loop if calibration else None)
     if cfg.quant.lora:

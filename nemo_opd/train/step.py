@@ -109,7 +109,7 @@ class TeacherTopKCache:
         digest = hashlib.sha1(f"{self.k}/{self.temperature}/{tokens}".encode()).hexdigest()
         return self.dir / f"{digest}.pt"
 
-    def load(self, batch: SequenceBatch) -> TeacherTopK | None:
+    def load(self, batch: SequenceBatch, device: torch.device) -> TeacherTopK | None:
         """The batch's ``[B, T-1, k]`` top-k (padding rows zero) if every row is cached."""
         rows = []
         for r in range(batch.tokens.shape[0]):
@@ -125,16 +125,17 @@ class TeacherTopKCache:
             n = row["indices"].shape[0]
             logprobs[r, :n], indices[r, :n], log_tail[r, :n] = (row["logprobs"], row["indices"],
                                                                 row["log_tail"])
-        return TeacherTopK(logprobs, log_tail, indices, self.temperature)
+        return TeacherTopK(logprobs.to(device), log_tail.to(device), indices.to(device),
+                           self.temperature)
 
     def store(self, batch: SequenceBatch, top: TeacherTopK) -> None:
         for r in range(batch.tokens.shape[0]):
             n = int(batch.lengths[r])
             path = self._path(batch.tokens[r, :n].tolist())
             tmp = path.with_suffix(f".tmp{os.getpid()}")
-            torch.save({"logprobs": top.logprobs[r, :n - 1].clone(),
-                        "indices": top.indices[r, :n - 1].clone(),
-                        "log_tail": top.log_tail[r, :n - 1].clone()}, tmp)
+            torch.save({"logprobs": top.logprobs[r, :n - 1].cpu().clone(),
+                        "indices": top.indices[r, :n - 1].cpu().clone(),
+                        "log_tail": top.log_tail[r, :n - 1].cpu().clone()}, tmp)
             os.replace(tmp, path)
 
 
@@ -153,11 +154,14 @@ def score_batch(models: ScoringModels, batch: SequenceBatch, cfg: DistillConfig,
     Raises :class:`NonFiniteLossError` (on every rank alike) before backward when the loss is
     NaN/inf, so no bad gradient reaches the parameters.
     """
-    tokens = batch.tokens
-    targets, mask = tokens[:, 1:], batch.loss_mask[:, 1:]
+    # Batches are built on the host; the models may live on a GPU.
+    device = next(models.student.parameters()).device
+    tokens = batch.tokens.to(device)
+    targets, mask = tokens[:, 1:], batch.loss_mask[:, 1:].to(device)
     t_group, s_group = models.teacher_tp_group, models.student_tp_group
     started = time.perf_counter()
-    cached = (cache.load(batch) if cache is not None and batch.source == "dataset" else None)
+    cached = (cache.load(batch, device) if cache is not None and batch.source == "dataset"
+              else None)
     t_logits = top = teacher_lp = None
     teacher_nll = math.nan
     with torch.no_grad():
@@ -192,7 +196,8 @@ def score_batch(models: ScoringModels, batch: SequenceBatch, cfg: DistillConfig,
         loss = topk_generalized_jsd(s_logits, top, beta=cfg.beta, continuous=cfg.continuous,
                                     **common)
     else:
-        behaviour = batch.rollout_logprobs[:, 1:] if batch.source == "replay" else None
+        behaviour = (batch.rollout_logprobs[:, 1:].to(device) if batch.source == "replay"
+                     else None)
         loss = sampled_token_reverse_kl(s_logits, targets, teacher_lp, behaviour,
                                         clip_ratio=cfg.clip_ratio or None, **common).loss
     anchor_kl = 0.0
