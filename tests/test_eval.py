@@ -549,6 +549,24 @@ def test_missing_local_data_names_the_file(tmp_path):
         resolve_tasks(["seed"], data_dir=tmp_path)
 
 
+def test_unreachable_benchmark_data_says_how_to_go_offline(tmp_path):
+    """The eval command, hub switched off: a clear error before any model is loaded."""
+    import os
+    import subprocess
+    import sys
+
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                        "HF_DATASETS_CACHE": str(tmp_path / "empty_cache")}
+    done = subprocess.run([sys.executable, "-m", "nemo_opd", "eval", "--model",
+                           str(tmp_path / "no_model"), "--tasks", "arc_easy", "--out",
+                           str(tmp_path / "r")], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert ("task 'arc_easy': its dataset is neither reachable on the Hugging Face hub nor in "
+            "the local datasets cache") in done.stderr
+    assert "--data-dir" in done.stderr
+
+
 def test_malformed_local_records_name_file_and_line(tmp_path):
     from nemo_opd.eval.tasks import resolve_tasks
 

@@ -27,7 +27,7 @@ from typing import Any
 
 from nemo_opd.eval.evaluate import ROLES, is_reporting_rank
 from nemo_opd.eval.exported import BackendUnavailable
-from nemo_opd.eval.tasks import HUB_TASKS, TASK_SETS, LocalTask, resolve_tasks
+from nemo_opd.eval.tasks import HUB_TASKS, TASK_SETS, LocalTask, load_tasks, resolve_tasks
 
 __all__ = ["main", "build_eval_parser", "build_compare_parser"]
 
@@ -170,8 +170,9 @@ def _evaluate(argv: list[str]) -> int:
     if args.limit is not None and args.limit >= 1:
         args.limit = int(args.limit)
     local = _local_tasks(args.local_task)
-    # Names and data files are checked before any model loads.
-    resolve_tasks(args.tasks, local, data_dir=args.data_dir, num_fewshot=args.num_fewshot)
+    # Names and data are checked (and datasets cached) before any model loads.
+    load_tasks(resolve_tasks(args.tasks, local, data_dir=args.data_dir,
+                             num_fewshot=args.num_fewshot))
     name = args.name or args.model.resolve().name
     with _open_lm(args) as lm:
         record = evaluate_model(lm, args.tasks, local_tasks=local, data_dir=args.data_dir,

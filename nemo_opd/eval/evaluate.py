@@ -28,7 +28,7 @@ from typing import Any
 import torch.distributed as dist
 
 from nemo_opd.eval.lm import LMConfig, MegatronLM
-from nemo_opd.eval.tasks import LocalTask, ResolvedTask, resolve_tasks, task_manager
+from nemo_opd.eval.tasks import LocalTask, ResolvedTask, load_tasks, resolve_tasks
 
 __all__ = ["RESULT_SCHEMA", "evaluate_model", "is_reporting_rank", "ROLES"]
 
@@ -124,8 +124,7 @@ def evaluate_model(lm_or_model: Any, tasks: Sequence[str] = (), *,
 
     from lm_eval.evaluator import evaluate
 
-    manager = task_manager(tuple(sorted({t.yaml_dir for t in resolved if t.yaml_dir})))
-    loaded = manager.load([spec for task in resolved for spec in task.specs])
+    loaded = load_tasks(resolved)
     for task in loaded["tasks"].values():
         _set_fewshot(task, num_fewshot)
     if is_reporting_rank():

@@ -33,6 +33,7 @@ __all__ = [
     "LocalTask",
     "ResolvedTask",
     "hub_data_file",
+    "load_tasks",
     "resolve_tasks",
     "task_manager",
 ]
@@ -328,3 +329,27 @@ def resolve_tasks(tasks: Sequence[str], local_tasks: Mapping[str, str | Path | L
                                for leaf in leaves]},)
         resolved.append(ResolvedTask(name, hub.label, hub.metric, specs, leaves, hub.yaml_dir))
     return resolved
+
+
+def load_tasks(resolved: Sequence[ResolvedTask]) -> dict[str, Any]:
+    """Build the lm-eval tasks (reading their data): lm-eval's ``TaskManager.load`` result,
+    ``{"tasks": {name: Task}, "groups": ..., "group_map": ...}``.
+
+    Raises:
+        FileNotFoundError: a benchmark's dataset is neither on a reachable hub nor in the local
+            ``datasets`` cache (the message says how to point the task at local files).
+    """
+    manager = task_manager(tuple(sorted({t.yaml_dir for t in resolved if t.yaml_dir})))
+    loaded: dict[str, Any] = {"tasks": {}, "groups": {}, "group_map": {}}
+    for task in resolved:
+        try:
+            part = manager.load(list(task.specs))
+        except ConnectionError as err:  # datasets' hub errors (offline, unreachable, no cache)
+            raise FileNotFoundError(
+                f"task {task.name!r}: its dataset is neither reachable on the Hugging Face hub "
+                f"nor in the local datasets cache ({err}). Pass data_dir (--data-dir) holding "
+                "<data_dir>/<dataset_path>/<dataset_name or 'default'>/<split>.jsonl files") \
+                from err
+        for key in loaded:
+            loaded[key].update(part.get(key, {}))
+    return loaded
