@@ -482,15 +482,16 @@ def _export_job(model_dir: str, out_root: str) -> dict:
                                        lambda m: m(ids, positions, attention_mask=None))
             export_student(student, model_dir, f"{out_root}/{fmt}", dtype=torch.float32,
                            tokenizer_dir=model_dir)
+            with_activations = MegatronLM(student, tok).numerics
             # The dequantised checkpoint carries the weight codes; activations run unquantized.
             mtq.disable_quantizer(student, "*input_quantizer")
             plain = dequantize_export(f"{out_root}/{fmt}", f"{out_root}/{fmt}_plain",
                                       dtype=torch.float32)
             hf = hf_lm(plain, dtype="float32", batch_size=3, numerics="HF dequantised fp32")
-            out[fmt] = {"megatron": [lp for lp, _ in MegatronLM(student, tok)
-                                     .loglikelihood(requests)],
+            lm = MegatronLM(student, tok)
+            out[fmt] = {"megatron": [lp for lp, _ in lm.loglikelihood(requests)],
                         "hf": [lp for lp, _ in hf.loglikelihood(requests)],
-                        "numerics": hf.numerics}
+                        "numerics": (with_activations, lm.numerics, hf.numerics)}
     return out
 
 
@@ -501,7 +502,9 @@ def test_dequantised_export_scores_as_the_fake_quant_student(tiny_quant_model_di
     (result,) = run_ranks(_export_job, world_size=1, timeout=600,
                           model_dir=tiny_quant_model_dir, out_root=str(tmp_path))
     for fmt in EXPORT_FORMATS:
-        assert result[fmt]["numerics"] == "HF dequantised fp32"
+        with_activations, weights_only, hf = result[fmt]["numerics"]
+        assert weights_only == f"megatron fake-quant {fmt} fp32" and hf == "HF dequantised fp32"
+        assert with_activations in (weights_only, f"megatron fake-quant {fmt} w+a fp32")
         for megatron, hf in zip(result[fmt]["megatron"], result[fmt]["hf"], strict=True):
             assert abs(megatron - hf) < LOGLIK_TOL, (fmt, megatron, hf)
         # Quantization moved the scores, so agreeing is not a coincidence of no-ops.

@@ -94,14 +94,25 @@ class LMConfig:
 
 
 def describe_numerics(model: torch.nn.Module) -> str:
-    """``"megatron fake-quant fp32"`` when ModelOpt quantizers are enabled, else
-    ``"megatron fp32"`` (dtype of the first parameter)."""
+    """How ``model`` computes, for results tables: ``"megatron fp32"``, or with ModelOpt fake
+    quantizers ``"megatron fake-quant int4 fp32"`` (the weight format, ``w+a`` when activations
+    are quantized too; dtype of the first parameter)."""
     dtype = next(model.parameters()).dtype
     short = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
         dtype, str(dtype).removeprefix("torch."))
-    quantized = any(type(m).__name__ == "TensorQuantizer" and getattr(m, "is_enabled", False)
-                    for m in model.modules())
-    return f"megatron {'fake-quant ' if quantized else ''}{short}"
+    quantized = [m for m in model.modules()
+                 if getattr(getattr(m, "weight_quantizer", None), "is_enabled", False)]
+    if not quantized:
+        return f"megatron {short}"
+    from nemo_opd.quant.export import weight_format
+
+    try:
+        fmt = weight_format(quantized[0])
+    except NotImplementedError:  # a format the exporter does not name (INT8, W4A8, ...)
+        fmt = "custom"
+    acts = any(getattr(getattr(m, "input_quantizer", None), "is_enabled", False)
+               for m in quantized)
+    return f"megatron fake-quant {fmt}{' w+a' if acts else ''} {short}"
 
 
 class MegatronLM(TemplateLM):
