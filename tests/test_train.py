@@ -201,6 +201,13 @@ def _tp1_body(dirs: dict[str, str], train_file: str, root: str) -> dict:
                          "schedule": [schedule(s) for s in range(4)]}
 
         out["resume"] = _resume_runs(dirs, train_file, f"{root}/tp1", tp=1)
+        # Resuming that directory with another objective is refused.
+        other = dict(_RESUME, distill=dataclasses.replace(_RESUME["distill"], beta=0.25))
+        try:
+            run_distillation(_config(dirs, train_file, f"{root}/tp1/parts", **other))
+            out["resume_mismatch"] = None
+        except ValueError as err:
+            out["resume_mismatch"] = str(err)
         # LoRA on the quantized base: adapters are the only trainable (and checkpointed
         # optimizer) state; resume stays exact.
         lora = dict(quant=QuantConfig(format="mxfp4", calibration_batches=1, lora=True,
@@ -341,6 +348,7 @@ def test_trainer_tp1_and_tp2(tiny_model_dirs, train_file, tmp_path):
     assert resume["sources_full"] == resume["sources_parts"]
     assert "replay" in sum(resume["sources_full"], [])
     assert resume["full"] == resume["parts"]  # exact
+    assert "different distill settings" in out["resume_mismatch"]
     assert out["lora"]["full"] == out["lora"]["parts"]
     assert len(set(out["lora"]["full"])) == 3  # the adapters do train
     assert out["lora"]["kept"] == ["step_00000002", "step_00000003"]  # keep_last = 2

@@ -19,9 +19,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nemo_opd.config import DataConfig
+
+if TYPE_CHECKING:
+    import datasets
 
 __all__ = ["Example", "PromptEncoder", "load_records", "encode_records"]
 
@@ -42,7 +45,7 @@ class Example:
     """Reference response ids ending in EOS unless cut; empty when the data has no responses."""
 
 
-def load_records(cfg: DataConfig):
+def load_records(cfg: DataConfig) -> datasets.Dataset:
     """The training records as a ``datasets.Dataset``; raises before tokenizing anything if a
     file is missing, has an unknown extension, or lacks the prompt/response columns."""
     import datasets
@@ -117,7 +120,7 @@ class PromptEncoder:
         return Example(index, tuple(ids), tuple(response_ids))
 
 
-def encode_records(records, encoder: PromptEncoder) -> list[Example]:
+def encode_records(records: datasets.Dataset, encoder: PromptEncoder) -> list[Example]:
     """Tokenize every record (dropped overlong ones are counted in a log line)."""
     cfg = encoder.cfg
     responses = records[cfg.response_field] if cfg.response_field else [None] * len(records)

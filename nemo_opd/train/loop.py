@@ -16,6 +16,7 @@ so a resumed run produces the same losses as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import time
@@ -131,9 +132,10 @@ class Trainer:
         self.start_step = 0
         self.last_checkpoint = ckpt.latest_checkpoint(cfg.checkpoint_dir)
         if cfg.checkpoint.resume and self.last_checkpoint is not None:
-            student, self.optimizer, state, _ = ckpt.load_checkpoint(
+            student, self.optimizer, state, meta = ckpt.load_checkpoint(
                 self.last_checkpoint, setup.build_fresh_student_shell(cfg),
                 lambda m: build_optimizer(m, cfg.optim))
+            _check_resumable(cfg, meta, self.last_checkpoint)
             self.start_step = int(state["step"])
             self.batches.load_state_dict(state["data"])
             if self.replay is not None:
@@ -357,6 +359,27 @@ class Trainer:
         return TrainResult(steps_done=max(end, self.start_step), history=history,
                            evaluations=evaluations, last_checkpoint=self.last_checkpoint,
                            metrics_file=sink.jsonl_path, output_dir=Path(cfg.output_dir))
+
+
+_RESUME_MUST_MATCH = ("model", "quant", "distill", "data", "seed")
+"""Config sections a checkpoint's run and the resuming run must share (the rest, e.g. logging
+or the step count, may change between attempts)."""
+
+
+def _check_resumable(cfg: RunConfig, meta: dict[str, Any], path: Path) -> None:
+    """Raise if ``path`` was written by a run whose model, quantization, objective, data or
+    seed differ: resuming it would silently continue another experiment."""
+    saved = meta.get("config", {})
+    current = json.loads(json.dumps(cfg.to_dict()))  # tuples → lists, as stored
+    differ = [key for key in _RESUME_MUST_MATCH if saved.get(key) != current[key]]
+    if differ:
+        raise ValueError(f"checkpoint {path} was written by a run with different "
+                         f"{', '.join(differ)} settings; point checkpoint.dir elsewhere or set "
+                         "checkpoint.resume=false")
+    if saved.get("optim", {}).get("steps") != cfg.optim.steps:
+        logger.warning("resuming %s with optim.steps=%d (was %s): the learning-rate schedule "
+                       "changes from here", path, cfg.optim.steps, saved.get("optim", {}).get(
+                           "steps"))
 
 
 def run_distillation(cfg: RunConfig, *, eval_hook: EvalHook | None = None,
