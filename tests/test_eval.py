@@ -105,16 +105,25 @@ def _local_task_files(tmp_path: Path, model_dir: str):
     return files, {"arith_mc": 0.5, "story_gen": 0.5}, _greedy_pairs(model, tok)
 
 
-def _hellaswag_copy(data_dir: Path) -> Path:
-    """Three HellaSwag records in the hub's schema, where ``data_dir`` expects them."""
-    folder = data_dir / "Rowan" / "hellaswag" / "default"
-    folder.mkdir(parents=True)
-    records = [{"ind": i, "activity_label": "Pets", "ctx_a": "The cat sees a dog.",
-                "ctx_b": "it", "ctx": "The cat sees a dog. it", "source_id": "x",
-                "split": "val", "split_type": "indomain", "label": str(i),
-                "endings": ["runs fast.", "eats the fish.", "likes the bird.", "is red."]}
-               for i in range(3)]
-    return _write_jsonl(folder / "validation.jsonl", records)
+def _benchmark_copies(data_dir: Path) -> None:
+    """Three records each of HellaSwag, ARC-Easy and WinoGrande in the hub's schemas, where
+    ``data_dir`` expects them (the evaluated split of each: validation, test, validation)."""
+    hellaswag = [{"ind": i, "activity_label": "Pets", "ctx_a": "The cat sees a dog.",
+                  "ctx_b": "it", "ctx": "The cat sees a dog. it", "source_id": "x",
+                  "split": "val", "split_type": "indomain", "label": str(i),
+                  "endings": ["runs fast.", "eats the fish.", "likes the bird.", "is red."]}
+                 for i in range(3)]
+    arc = [{"id": str(i), "question": f"What is {i} plus one?", "answerKey": "A",
+            "choices": {"text": [str(i + 1), "cat", "dog", "fish"], "label": list("ABCD")}}
+           for i in range(3)]
+    winogrande = [{"sentence": f"The cat sees {i} dogs because _ is big.", "option1": "the cat",
+                   "option2": "the dog", "answer": "2"} for i in range(3)]
+    for parts, records in ((("Rowan", "hellaswag", "default", "validation"), hellaswag),
+                           (("allenai", "ai2_arc", "ARC-Easy", "test"), arc),
+                           (("allenai", "winogrande", "winogrande_xl", "validation"), winogrande)):
+        folder = data_dir.joinpath(*parts[:-1])
+        folder.mkdir(parents=True)
+        _write_jsonl(folder / f"{parts[-1]}.jsonl", records)
 
 
 # ------------------------------------------------------------------ the 2-rank job
@@ -201,7 +210,8 @@ def _eval_job(model_dirs: dict[str, str], task_files: dict[str, str], hub_dir: s
                 out["records"] = {name: evaluate_model(lm, [], local_tasks=task_files,
                                                        run_name=name)
                                   for name, lm in full.items()}
-                out["hub"] = evaluate_model(full["tp2"], ["hellaswag"], data_dir=hub_dir)
+                out["hub"] = evaluate_model(full["tp2"], ["hellaswag", "arc_easy", "winogrande"],
+                                            data_dir=hub_dir)
                 out["hook"] = _run_hook(tp2.model, tok, task_files, Path(cli_out).parent)
                 bad = MegatronLM(tp2.model, _unknown_char_tokenizer(model_dir))
                 try:
@@ -223,7 +233,7 @@ def eval_job(tiny_model_dirs, tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     task_files, expected, greedy_pairs = _local_task_files(root, tiny_model_dirs["llama"])
     hub_dir = root / "hub"
-    _hellaswag_copy(hub_dir)
+    _benchmark_copies(hub_dir)
     results = run_ranks(_eval_job, world_size=2, timeout=600, model_dirs=tiny_model_dirs,
                         task_files={k: str(v) for k, v in task_files.items()},
                         hub_dir=str(hub_dir), cli_out=str(root / "cli" / "report"),
@@ -276,8 +286,10 @@ def test_offline_local_tasks_score_as_the_float64_reference(eval_job):
         assert record["tasks"][task]["n"] == 6
         assert record["tasks"][task]["value"] == pytest.approx(value), (task, record["tasks"])
     assert record["average"] == pytest.approx(sum(expected.values()) / len(expected))
-    hub = results[0]["hub"]["tasks"]["hellaswag"]
-    assert (hub["label"], hub["metric"], hub["n"]) == ("HellaSwag", "acc_norm,none", 3)
+    hub = results[0]["hub"]["tasks"]
+    assert {task: (cell["label"], cell["metric"], cell["n"]) for task, cell in hub.items()} == {
+        "hellaswag": ("HellaSwag", "acc_norm,none", 3), "arc_easy": ("ARC-E", "acc_norm,none", 3),
+        "winogrande": ("WinoGr", "acc,none", 3)}
 
 
 @pytest.mark.multirank
