@@ -95,11 +95,12 @@ def test_teacher_row_matches_lm_eval_on_the_hf_model(job, tp1):
 
 
 def test_requeued_job_reuses_baselines_and_its_final_checkpoint(job, tp1):
-    """Started again on the same output_dir, as SLURM's requeue does: no step trains, the
+    """Started again on the same output_dir with resume on (the real-model presets' default;
+    the tiny one starts over), as SLURM's requeue does: no step trains, the
     teacher/PTQ records are reused, and the student row comes from the final checkpoint with
     the values the first attempt measured in memory."""
     before = _rows(tp1)
-    proc = _nemo_run(job, tp1, "export.enabled=false")
+    proc = _nemo_run(job, tp1, "export.enabled=false", "checkpoint.resume=true")
     assert proc.stdout.count("reusing") == 2
     history = json.loads((tp1 / "eval_history.json").read_text())
     assert history == []  # the second attempt ran no training step, so no in-loop evaluation
