@@ -72,6 +72,8 @@ def _leaf_keys(cls: type, prefix: str = "") -> set[str]:
     ("True", bool, True), ("mxfp4", str, "mxfp4"), ("'a b'", str, "a b"),
     ("[a.jsonl,b.jsonl]", tuple[str, ...], ("a.jsonl", "b.jsonl")),
     ("(1, 2)", tuple[int, ...], (1, 2)), ("x.jsonl", tuple[str, ...], ("x.jsonl",)),
+    ("[a=[1,2],b=(3,4),c]", tuple[str, ...], ("a=[1,2]", "b=(3,4)", "c")),
+    ("[]", tuple[str, ...], ()),
     ("null", int | None, None), ("7", int | None, 7), ("0.25", float | None, 0.25),
     ("sampling", typing.Literal["sampling", "raw"], "sampling"),
 ])

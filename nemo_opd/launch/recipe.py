@@ -138,10 +138,20 @@ def _parse_bool(text: str) -> bool:
 
 
 def _split_items(text: str) -> list[str]:
+    """Top-level comma-separated items of ``[a,b]`` / ``(a,b)`` / ``a,b``; commas inside
+    nested brackets stay in their item (``[x=[1,2],y=3]`` -> ``x=[1,2]``, ``y=3``)."""
     inner = text.strip()
     if inner[:1] in ("[", "(") and inner[-1:] in ("]", ")"):
         inner = inner[1:-1]
-    return [item.strip() for item in inner.split(",") if item.strip()]
+    items, depth, current = [], 0, ""
+    for char in inner:
+        depth += (char in "[(") - (char in "])")
+        if char == "," and depth == 0:
+            items.append(current)
+            current = ""
+        else:
+            current += char
+    return [item.strip() for item in [*items, current] if item.strip()]
 
 
 def parse_value(text: str, annotation: Any) -> Any:
