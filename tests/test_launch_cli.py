@@ -65,6 +65,8 @@ def test_help_lists_presets_and_every_field(results):
                  "evaluation.tasks = ()", "export.dtype = 'bfloat16'", "seed = 1234"):
         assert f"  {line}" in text, line
     assert "Generalized-JSD interpolation: 0 forward KL" in text  # the field's docstring
+    assert re.search(r"^  slurm: account, partition, nodes, gpus_per_node, time, container_image",
+                     text, re.M)
 
 
 def test_bad_key_fails_before_anything_runs(results):

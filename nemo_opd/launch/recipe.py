@@ -363,6 +363,11 @@ def recipe_main(fn: Callable, *, default_preset: Callable[[], run.Partial],
             print("\nPresets (--factory NAME): " + ", ".join(
                 f"{n}{' (default)' if f.__name__ == default_preset.__name__ else ''}"
                 for n, f in sorted(known.items())))
+            print("\nExecutors (run.executor=NAME run.executor.ARG=VALUE; default: this process):")
+            for factory in run.cli.list_factories(run.Executor):
+                builder = factory().__fn_or_cls__
+                print(f"  {factory.__name__}: "
+                      + ", ".join(inspect.signature(builder).parameters))
             try:
                 tree = resolve_preset(self.fn, name, default_preset)
             except RecipeError as err:
