@@ -260,8 +260,9 @@ TEACHER_MIN = {"arith_gen": 0.98, "arith_mc": 0.98}
 PTQ_MAX = {"int4": {"arith_gen": 0.45, "arith_mc": 0.65},
            "mxfp4": {"arith_gen": 0.92, "arith_mc": 0.95}}
 DISTILL_STEPS = 20
-DISTILL_GAIN_MIN = {"int4": 0.4, "mxfp4": 0.07}
-"""Least exact-match gain of the distilled student over PTQ after DISTILL_STEPS steps."""
+DISTILL_GAIN_MIN = 0.4
+"""Least INT4 exact-match gain of the distilled student over PTQ after DISTILL_STEPS steps (the
+larger gap; MXFP4's distillation is measured by ``python -m nemo_opd.demo.measure``)."""
 
 
 def _premise(assets: DemoAssets, tp: int) -> dict:
@@ -269,7 +270,8 @@ def _premise(assets: DemoAssets, tp: int) -> dict:
     from nemo_opd.runtime import ParallelConfig, distributed_runtime
 
     with distributed_runtime(ParallelConfig(tensor_model_parallel_size=tp)):
-        return measure(assets, ("int4", "mxfp4"), distill_steps=DISTILL_STEPS, tp=tp)
+        return (measure(assets, ("int4",), distill_steps=DISTILL_STEPS, tp=tp)
+                | measure(assets, ("mxfp4",), tp=tp))
 
 
 @pytest.mark.multirank
@@ -297,12 +299,11 @@ def test_teacher_is_accurate_ptq_is_not_and_distillation_recovers_at_tp1_and_tp2
     for fmt, bounds in PTQ_MAX.items():
         for metric, high in bounds.items():
             assert tp1[f"{fmt}_ptq"][metric] <= high, (fmt, metric, tp1)
-        for result in (tp1, tp2[0]):
-            gain = result[f"{fmt}_distilled"]["arith_gen"] - result[f"{fmt}_ptq"]["arith_gen"]
-            assert gain >= DISTILL_GAIN_MIN[fmt], (fmt, result)
-            assert result[f"{fmt}_distilled"]["loss_last"] < result[f"{fmt}_distilled"][
-                "loss_first"]
-        # Distillation at TP=2 follows TP=1 (QAT gradients agree to ~1e-8; 20 Adam steps may
-        # still flip a near-tie or two).
-        assert abs(tp2[0][f"{fmt}_distilled"]["arith_gen"]
-                   - tp1[f"{fmt}_distilled"]["arith_gen"]) <= 0.02, (tp1, tp2[0])
+    for result in (tp1, tp2[0]):
+        distilled = result["int4_distilled"]
+        assert distilled["arith_gen"] - result["int4_ptq"]["arith_gen"] >= DISTILL_GAIN_MIN
+        assert distilled["loss_last"] < distilled["loss_first"]
+    # Distillation at TP=2 follows TP=1 (QAT gradients agree to ~1e-8; 20 Adam steps may still
+    # flip a near-tie or two).
+    assert abs(tp2[0]["int4_distilled"]["arith_gen"]
+               - tp1["int4_distilled"]["arith_gen"]) <= 0.02, (tp1, tp2[0])
