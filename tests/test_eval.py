@@ -1,7 +1,8 @@
 """Evaluation: MegatronLM against lm-eval's own HFLM (a peer, not a self-check), TP=2 against
-TP=1, offline end-to-end runs of local tasks scored against a float64 Hugging Face reference,
-exported-checkpoint dequantisation against ModelOpt's fake quantizers, the results table, the
-CLI, and bad input.
+TP=1, offline end-to-end runs of local tasks scored against a float64 Hugging Face reference and
+of benchmark tasks from local copies, exported checkpoints dequantised against ModelOpt's fake
+quantizers and against the fake-quant student, the in-loop hook, the results table, the CLI, and
+bad input.
 
 Process start costs ~4 s per rank, so every model check runs in one 2-rank job: each rank holds
 the model at TP=2 (global layout) and at TP=1 (its own process groups) plus lm-eval's HFLM.
@@ -19,7 +20,7 @@ from multirank import run_ranks
 LOGLIK_TOL = 1e-4
 ROLLING_MAX_LENGTH = 24  # small, so a document spans several rolling windows
 
-GEN_BUDGET = 32  # LocalTask's default max_gen_toks: the reference must generate as far
+GEN_BUDGET = 32  # LocalTask's default max_gen_toks: the reference generates as far as the task
 
 LOGLIK_REQUESTS = [
     ("question: what is 12 plus 30? answer:", " 42"),
@@ -144,7 +145,7 @@ def _requests(lm) -> dict:
     }
 
 
-def _unknown_char_tokenizer(model_dir: str):
+def _unknown_word_tokenizer():
     """A word-level tokenizer over the model's ids that maps unseen words to ``<pad>``."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -213,7 +214,7 @@ def _eval_job(model_dirs: dict[str, str], task_files: dict[str, str], hub_dir: s
                 out["hub"] = evaluate_model(full["tp2"], ["hellaswag", "arc_easy", "winogrande"],
                                             data_dir=hub_dir)
                 out["hook"] = _run_hook(tp2.model, tok, task_files, Path(cli_out).parent)
-                bad = MegatronLM(tp2.model, _unknown_char_tokenizer(model_dir))
+                bad = MegatronLM(tp2.model, _unknown_word_tokenizer())
                 try:
                     bad.loglikelihood(_instances("loglikelihood", [("the cat", " ate zebras")]))
                 except TokenizerRoundTripError as err:
