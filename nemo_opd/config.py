@@ -83,7 +83,9 @@ class ModelConfig:
     student_parallel: ParallelConfig = ParallelConfig()
     """The student's TP/PP layout (the global megatron layout of the job)."""
     teacher_parallel: ParallelConfig = ParallelConfig()
-    """The teacher's TP/PP layout; its TP size must divide the student's (see RunConfig)."""
+    """The teacher's TP/PP layout; its TP size and the student's must divide one another. A
+    larger teacher TP group scores the batches of the student data-parallel ranks it spans in
+    one forward (only the teacher's top-k / log-probs reach the student)."""
     student_dtype: str = "float32"
     """Student parameter dtype, one of :data:`DTYPES` (bf16 on GPU, fp32 on CPU)."""
     teacher_dtype: str = "float32"
@@ -386,11 +388,17 @@ class RunConfig:
         _check_ints(self, 0, "eval_every", "seed")
         student_tp = self.model.student_parallel.tensor_model_parallel_size
         teacher_tp = self.model.teacher_parallel.tensor_model_parallel_size
-        if student_tp % teacher_tp:
+        if max(student_tp, teacher_tp) % min(student_tp, teacher_tp):
             raise ValueError(
-                f"ModelConfig.teacher_parallel.tensor_model_parallel_size = {teacher_tp} must "
-                f"divide student_parallel.tensor_model_parallel_size = {student_tp} (the teacher "
-                "must see the same tokens as the student ranks it serves)")
+                f"ModelConfig.teacher_parallel.tensor_model_parallel_size = {teacher_tp} and "
+                f"student_parallel.tensor_model_parallel_size = {student_tp} must divide one "
+                "another (each teacher TP group must hold whole student TP groups, or sit inside "
+                "one)")
+        if teacher_tp > student_tp and self.distill.strategy.name == "teacher_seeded":
+            raise ValueError(
+                f"StrategyConfig.name = 'teacher_seeded' needs teacher TP ({teacher_tp}) <= "
+                f"student TP ({student_tp}): the teacher writes prefixes for one student batch "
+                "at a time")
         if self.distill.loss == "full" and teacher_tp != student_tp:
             raise ValueError(
                 f"DistillConfig.loss = 'full' needs the teacher's TP size ({teacher_tp}) to equal "

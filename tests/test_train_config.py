@@ -49,9 +49,15 @@ MODEL = ModelConfig(student="student_dir", teacher="teacher_dir")
     (lambda: LoggingConfig(every=0), "LoggingConfig.every must be an int >= 1, got 0"),
     (lambda: RunConfig(model=MODEL, data=DATA, output_dir=""), "RunConfig.output_dir must be"),
     (lambda: RunConfig(model=MODEL, data=DATA, seed=-1), "RunConfig.seed must be an int >= 0"),
+    (lambda: RunConfig(model=dataclasses.replace(
+        MODEL, student_parallel=ParallelConfig(2), teacher_parallel=ParallelConfig(3)),
+        data=DATA, distill=DistillConfig(loss="topk")),
+     "tensor_model_parallel_size = 3 and student_parallel.tensor_model_parallel_size = 2 must "
+     "divide one another"),
     (lambda: RunConfig(model=dataclasses.replace(MODEL, teacher_parallel=ParallelConfig(2)),
-                       data=DATA),
-     "teacher_parallel.tensor_model_parallel_size = 2 must divide"),
+                       data=DATA, distill=DistillConfig(
+                           loss="topk", strategy=StrategyConfig(name="teacher_seeded"))),
+     "'teacher_seeded' needs teacher TP (2) <= student TP (1)"),
     (lambda: RunConfig(model=dataclasses.replace(
         MODEL, student_parallel=ParallelConfig(2), teacher_parallel=ParallelConfig(1)),
         data=DATA), "DistillConfig.loss = 'full' needs the teacher's TP size (1)"),

@@ -151,7 +151,10 @@ class Trainer:
             student=student, teacher=teacher, student_tp_group=self.student_tp_group,
             teacher_tp_group=teacher_tp_group,
             same_layout=cfg.model.teacher_parallel == cfg.model.student_parallel,
-            teacher_context=TeacherContext(context), anchor=anchor)
+            teacher_context=TeacherContext(context), anchor=anchor,
+            teacher_batch_group=teacher_tp_group if (
+                cfg.model.teacher_parallel.tensor_model_parallel_size
+                > cfg.model.student_parallel.tensor_model_parallel_size) else None)
         self.cache = (TeacherTopKCache(cfg.distill.teacher_cache_dir, cfg.distill.topk,
                                        cfg.distill.temperature)
                       if cfg.distill.teacher_cache_dir else None)

@@ -67,6 +67,9 @@ class ScoringModels:
     teacher_context: TeacherContext = dataclasses.field(default_factory=TeacherContext)
     anchor: torch.nn.Module | None = None
     """Frozen initial student (kl_anchored)."""
+    teacher_batch_group: dist.ProcessGroup | None = None
+    """Set when the teacher's TP group spans several student data-parallel ranks (teacher TP >
+    student TP): the group over which their batches are gathered for one teacher forward."""
 
 
 @dataclasses.dataclass
@@ -146,6 +149,64 @@ def _teacher_forward(models: ScoringModels, tokens: torch.Tensor) -> torch.Tenso
     return context.align(logits, tokens.shape[1])[:, :-1]
 
 
+def _gather_rows(x: torch.Tensor, group: dist.ProcessGroup, fill: float | int = 0
+                 ) -> torch.Tensor:
+    """``[B, T, ...]`` of every rank of ``group`` → ``[ranks × B, T_max, ...]`` (rank order),
+    each right-padded with ``fill`` to the longest ``T``."""
+    length = torch.tensor([x.shape[1]], device=x.device)
+    lengths = [torch.empty_like(length) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(lengths, length, group=group)
+    longest = max(int(n) for n in lengths)
+    padded = torch.full((x.shape[0], longest, *x.shape[2:]), fill, dtype=x.dtype,
+                        device=x.device)
+    padded[:, :x.shape[1]] = x
+    parts = [torch.empty_like(padded) for _ in lengths]
+    dist.all_gather(parts, padded.contiguous(), group=group)  # gloo: contiguous only
+    return torch.cat(parts)
+
+
+def _teacher_side(models: ScoringModels, tokens: torch.Tensor, mask: torch.Tensor,
+                  cfg: DistillConfig) -> tuple[torch.Tensor | None, TeacherTopK | None,
+                                               torch.Tensor | None, float]:
+    """``(teacher logits on the student's layout or None, top-k or None, log-probs of the
+    scored tokens for the sampled loss or None, teacher NLL)`` for this rank's ``tokens``.
+
+    A teacher whose TP group spans several student data-parallel ranks (teacher TP > student
+    TP) scores the batches of all of them at once: tokens are all-gathered over its group,
+    and each rank keeps its own rows of the (replicated) top-k / log-probs.
+    """
+    group = models.teacher_batch_group
+    rows = slice(None)
+    own = tokens
+    if group is not None:
+        batch = tokens.shape[0]
+        start = dist.get_rank(group) * batch
+        rows = slice(start, start + batch)
+        tokens = _gather_rows(tokens, group)
+        mask = _gather_rows(mask, group, False)
+    t_group = models.teacher_tp_group
+    t_logits = _teacher_forward(models, tokens)
+    targets = tokens[:, 1:]
+    n = own.shape[1] - 1  # this rank's prediction positions
+
+    def own_rows(x: torch.Tensor) -> torch.Tensor:
+        return x[rows, :n]
+
+    nll = own_rows(vocab_parallel_logprobs(t_logits, targets, mask=mask, tp_group=t_group))
+    own_mask = own_rows(mask)
+    teacher_nll = float(-nll.sum() / own_mask.sum().clamp(min=1))
+    teacher_lp = top = None
+    if cfg.loss == "sampled":
+        teacher_lp = own_rows(vocab_parallel_logprobs(
+            t_logits, targets, temperature=cfg.temperature, mask=mask, tp_group=t_group))
+    if cfg.loss == "topk" or not models.same_layout:
+        full = teacher_topk(t_logits, cfg.topk, temperature=cfg.temperature, tp_group=t_group)
+        top = TeacherTopK(own_rows(full.logprobs), own_rows(full.log_tail),
+                          own_rows(full.indices), full.temperature)
+    # Sharded on another group, only the top-k / log-probs travel.
+    return (t_logits if models.same_layout else None), top, teacher_lp, teacher_nll
+
+
 def score_batch(models: ScoringModels, batch: SequenceBatch, cfg: DistillConfig, *,
                 loss_scale: float, anchor_weight: float = 0.0,
                 cache: TeacherTopKCache | None = None) -> ScoreResult:
@@ -158,7 +219,7 @@ def score_batch(models: ScoringModels, batch: SequenceBatch, cfg: DistillConfig,
     device = next(models.student.parameters()).device
     tokens = batch.tokens.to(device)
     targets, mask = tokens[:, 1:], batch.loss_mask[:, 1:].to(device)
-    t_group, s_group = models.teacher_tp_group, models.student_tp_group
+    s_group = models.student_tp_group
     started = time.perf_counter()
     cached = (cache.load(batch, device) if cache is not None and batch.source == "dataset"
               else None)
@@ -166,20 +227,9 @@ def score_batch(models: ScoringModels, batch: SequenceBatch, cfg: DistillConfig,
     teacher_nll = math.nan
     with torch.no_grad():
         if cached is None:
-            t_logits = _teacher_forward(models, tokens)
-            lp = vocab_parallel_logprobs(t_logits, targets, mask=mask, tp_group=t_group)
-            teacher_nll = float(-lp.sum() / mask.sum().clamp(min=1))
-            if cfg.loss == "sampled":
-                teacher_lp = vocab_parallel_logprobs(t_logits, targets,
-                                                     temperature=cfg.temperature, mask=mask,
-                                                     tp_group=t_group)
-            if cfg.loss == "topk" or not models.same_layout:
-                top = teacher_topk(t_logits, cfg.topk, temperature=cfg.temperature,
-                                   tp_group=t_group)
-                if cache is not None and batch.source == "dataset":
-                    cache.store(batch, top)
-            if not models.same_layout:
-                t_logits = None  # sharded on another group: only the top-k travels
+            t_logits, top, teacher_lp, teacher_nll = _teacher_side(models, tokens, mask, cfg)
+            if cache is not None and batch.source == "dataset":
+                cache.store(batch, top)
         else:
             top = cached
         anchor_logits = (model_logits(models.anchor, tokens)[:, :-1]
