@@ -465,6 +465,16 @@ def test_export_dir_dequantises_to_a_plain_hf_model(tiny_model_dirs, tmp_path):
         expected = reference(ids).logits
         actual = _hf_model(str(plain))(ids).logits
     torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5 * expected.abs().max())
+    # The same export through the command line: lm-eval's HFLM on the dequantised weights.
+    from nemo_opd.eval.cli import main as eval_main
+
+    task = _write_jsonl(tmp_path / "mc.jsonl", [{"query": "the cat", "choices": ["runs", "red"],
+                                                 "gold": 0}])
+    assert eval_main(["--model", str(export), "--export", "--backend", "hf", "--dtype",
+                      "float32", "--local-task", f"mc={task}", "--out",
+                      str(tmp_path / "report")]) == 0
+    (record,) = json.loads((tmp_path / "report.json").read_text())["records"]
+    assert record["numerics"] == "HF dequantised fp32" and record["tasks"]["mc"]["n"] == 1
 
 
 EXPORT_FORMATS = ("int4", "fp8", "mxfp4", "nvfp4")

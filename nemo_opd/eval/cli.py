@@ -27,6 +27,7 @@ from typing import Any
 
 from nemo_opd.eval.evaluate import ROLES, is_reporting_rank
 from nemo_opd.eval.exported import BackendUnavailable
+from nemo_opd.eval.lm import dtype_label
 from nemo_opd.eval.tasks import HUB_TASKS, TASK_SETS, LocalTask, load_tasks, resolve_tasks
 
 __all__ = ["main", "build_eval_parser", "build_compare_parser"]
@@ -137,7 +138,7 @@ def _open_lm(args: argparse.Namespace) -> Iterator[Any]:
                 raise ValueError("--backend hf runs on one process; --tp must be 1")
             yield exported.hf_lm(model_dir, dtype=args.dtype, batch_size=args.batch_size,
                                  max_length=args.max_length,
-                                 numerics=f"HF {numerics_prefix}{args.dtype}")
+                                 numerics=f"HF {numerics_prefix}{dtype_label(args.dtype)}")
             return
         from megatron.core import parallel_state
         from transformers import AutoTokenizer

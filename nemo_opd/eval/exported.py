@@ -201,12 +201,14 @@ def dequantize_export(export_dir: str | Path, out_dir: str | Path, *,
 def hf_lm(model_dir: str | Path, *, dtype: str = "bfloat16", batch_size: int = 8,
           max_length: int | None = None, numerics: str | None = None):
     """lm-eval's ``HFLM`` on a plain HF directory, with a ``numerics`` label (default
-    ``"HF <dtype>"``)."""
+    ``"HF <dtype>"``, e.g. ``"HF bf16"``)."""
     from lm_eval.models.huggingface import HFLM
+
+    from nemo_opd.eval.lm import dtype_label
 
     lm = HFLM(pretrained=str(model_dir), dtype=dtype, batch_size=batch_size, device="cpu"
               if not torch.cuda.is_available() else "cuda", max_length=max_length)
-    lm.numerics = numerics or f"HF {dtype}"
+    lm.numerics = numerics or f"HF {dtype_label(dtype)}"
     return lm
 
 

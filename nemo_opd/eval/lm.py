@@ -42,7 +42,8 @@ from tqdm import tqdm
 
 from nemo_opd.loss import vocab_parallel_logprobs
 
-__all__ = ["LMConfig", "MegatronLM", "TokenizerRoundTripError", "describe_numerics"]
+__all__ = ["LMConfig", "MegatronLM", "TokenizerRoundTripError", "describe_numerics",
+           "dtype_label"]
 
 logger = logging.getLogger(__name__)
 
@@ -93,13 +94,17 @@ class LMConfig:
                              f"got {self.max_gen_toks!r}")
 
 
+def dtype_label(dtype: torch.dtype | str) -> str:
+    """``fp32`` / ``bf16`` / ``fp16`` for a torch dtype or its name (results-table spelling)."""
+    name = str(dtype).removeprefix("torch.")
+    return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(name, name)
+
+
 def describe_numerics(model: torch.nn.Module) -> str:
     """How ``model`` computes, for results tables: ``"megatron fp32"``, or with ModelOpt fake
     quantizers ``"megatron fake-quant int4 fp32"`` (the weight format, ``w+a`` when activations
     are quantized too; dtype of the first parameter)."""
-    dtype = next(model.parameters()).dtype
-    short = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
-        dtype, str(dtype).removeprefix("torch."))
+    short = dtype_label(next(model.parameters()).dtype)
     quantized = [m for m in model.modules()
                  if getattr(getattr(m, "weight_quantizer", None), "is_enabled", False)]
     if not quantized:
