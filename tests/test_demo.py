@@ -201,6 +201,22 @@ def test_teacher_training_is_deterministic_learns_and_caches(tmp_path, monkeypat
         SMALL, TINY_TEACHER)
 
 
+
+def test_teacher_command_line(tmp_path, capsys):
+    import json
+
+    from nemo_opd.demo.teacher import main
+
+    main([str(tmp_path / "t"), "--steps", "3"])
+    meta = json.loads((tmp_path / "t" / "nemo_opd_demo.json").read_text())
+    short = dataclasses.replace(TeacherConfig(), steps=3, warmup_steps=2)
+    assert meta["key"] == cache_key(AdditionTask(), short)
+    assert (tmp_path / "t" / "tokenizer.json").is_file()
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "u"), "--steps", "3", "--ship"])
+    assert "--ship needs the default configuration" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------ scoring and the premise
 
 

@@ -223,7 +223,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(1)
-    cfg = dataclasses.replace(TeacherConfig(), steps=args.steps)
+    # A short run (a smoke test) keeps the default warmup only if it fits.
+    cfg = dataclasses.replace(TeacherConfig(), steps=args.steps,
+                              warmup_steps=min(TeacherConfig.warmup_steps, args.steps - 1))
     run = record_teacher(args.out_dir, AdditionTask(), cfg)
     logger.info("teacher written to %s in %.0f s (final loss %.4f)", run.model_dir,
                 run.train_seconds, run.final_loss)
