@@ -5,9 +5,11 @@ distillation wins some back.
 the demo assets, imports teacher and student into megatron-core ``GPTModel``\\ s, quantizes the
 student with ModelOpt (:func:`nemo_opd.quant.quantize_student`, weight-only PTQ calibrated on
 training problems) and prints greedy exact match and multiple-choice accuracy on the held-out
-problems, as JSON. With ``--distill-steps`` it then runs the simplest distillation there is
-(off-policy: the training problems' own text, forward KL over the answer tokens through
-ModelOpt's straight-through fake quantizers; not the project's trainer) and measures again.
+problems, as JSON. With ``--distill-steps`` it then runs the simplest distillation there is and
+measures again: Adam on the generalized JSD (``--beta``; 0 = forward KL) over the answer tokens,
+through ModelOpt's straight-through fake quantizers — off-policy on the training problems' own
+text, or with ``--on-policy`` on answers the student samples itself. A check of the premise, not
+the project's trainer (:mod:`nemo_opd.train`). Measured numbers: ``nemo_opd/demo/assets/README.md``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The built-in demo's synthetic task: fixed-width addition, generated deterministically.
 
 A problem is ``"{a}+{b}="`` with both operands zero-padded to ``digits`` digits; its answer is the
-sum zero-padded to ``digits + 1`` digits, written after one space: ``"047+785="`` → ``" 0832"``.
+sum zero-padded to ``digits + 1`` digits, written after one space: ``"47+85="`` → ``" 132"``,
+``"07+05="`` → ``" 012"`` (the default is two digits).
 Fixed widths give every prompt and every answer the same number of tokens (the tokenizer below
 splits digits individually), so one forward pass scores a whole batch (greedy exact match is
 "every answer token is the argmax", see :mod:`nemo_opd.demo.score`).
@@ -10,11 +11,11 @@ The problems are split once, by a seeded generator, into disjoint train and eval
 problems are never trained on, so the accuracy measured on them is the model's arithmetic, not
 its memory. Files written (all jsonl, one JSON object per line):
 
-* train: ``{"prompt": "047+785=", "response": " 0832"}`` — prompt and response joined without a
+* train: ``{"prompt": "47+85=", "response": " 132"}`` — prompt and response joined without a
   separator are the text the teacher was trained on (the trainer appends EOS to the response);
-* generate eval: ``{"question": "047+785=", "answer": "0832"}`` — greedy generation after the
+* generate eval: ``{"question": "47+85=", "answer": "132"}`` — greedy generation after the
   question, exact match with surrounding whitespace ignored;
-* multiple-choice eval: ``{"query": "047+785=", "choices": ["0832", ...], "gold": i}`` — lm-eval's
+* multiple-choice eval: ``{"query": "47+85=", "choices": ["132", ...], "gold": i}`` — lm-eval's
   default ``target_delimiter`` (one space) joins query and choice, which reproduces the training
   text exactly. The distractors are the near misses a model that slips makes: the sum ± 1, ± 10,
   ± 100 (a carry dropped or added), each kept only when in range.
@@ -91,7 +92,7 @@ class AdditionTask:
         return 10 ** (2 * self.digits)
 
     def prompt(self, problem: Problem) -> str:
-        """``"047+785="``."""
+        """``"47+85="`` (operands zero-padded to ``digits``)."""
         return f"{problem.a:0{self.digits}d}+{problem.b:0{self.digits}d}="
 
     def answer(self, value: int) -> str:

@@ -3,9 +3,10 @@
 ``python -m nemo_opd.demo.teacher OUT_DIR`` writes an HF model directory (``save_pretrained``:
 ``config.json``, ``model.safetensors``, tokenizer files) that :func:`nemo_opd.models.load_hf_gpt`
 imports. The run is deterministic for a given :class:`TeacherConfig` and task on one torch build
-(seeded initialisation, batch order and no dropout; one CPU thread); weights are saved in bf16.
-``--ship`` also refreshes the
-copy shipped in ``nemo_opd/demo/assets`` that :func:`nemo_opd.demo.prepare_demo` starts from.
+(seeded initialisation, batch order and no dropout; one CPU thread). After training, a few
+residual channels get outlier weights (:func:`add_outlier_channels`, function-preserving) and the
+weights are saved in bf16. ``--ship`` also refreshes the copy shipped in
+``nemo_opd/demo/assets`` that :func:`nemo_opd.demo.prepare_demo` starts from.
 """
 
 from __future__ import annotations
