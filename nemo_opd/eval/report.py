@@ -138,7 +138,8 @@ def write_plot(table: dict[str, Any], path: str | Path) -> Path:
     labels = [c["label"] for c in table["columns"]] + ["Avg"]
     tasks = [c["task"] for c in table["columns"]]
     width = 0.8 / len(table["rows"])
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(labels)), 4.0))
+    # the legend goes below the axes: inside them it hides the bars of high-accuracy runs
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(labels)), 4.0 + 0.25 * len(table["rows"])))
     for i, row in enumerate(table["rows"]):
         heights = [row["values"].get(t, float("nan")) for t in tasks] + [row["average"]]
         xs = [j + (i - (len(table["rows"]) - 1) / 2) * width for j in range(len(labels))]
@@ -146,7 +147,8 @@ def write_plot(table: dict[str, Any], path: str | Path) -> Path:
     ax.set_xticks(range(len(labels)), labels)
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=1,
+              frameon=False)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)
