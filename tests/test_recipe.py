@@ -1,8 +1,9 @@
-"""`nemo run recipes/onpolicy_qat.py` end to end on CPU, as a subprocess, on a tiny model with
-local evaluation tasks and a few steps: at TP=1 in-process (teacher, PTQ, 2 distillation steps,
-student, export and the export's evaluation), the same job started again as a requeued SLURM job
-would be (baselines reused, training already done, the student evaluated from its checkpoint),
-and at TP=2 through the local torchrun executor (2 gloo ranks)."""
+"""`nemo run recipes/onpolicy_qat.py` end to end on CPU, as a subprocess: the built-in demo
+(shipped tiny teacher, its local tasks) with a few steps and 40 documents per task, at TP=1
+in-process (teacher, PTQ, 3 distillation steps, student, export and the export's evaluation),
+the same job started again as a requeued SLURM job would be (baselines reused, training already
+done, the student evaluated from its checkpoint), and at TP=2 through the local torchrun
+executor (2 gloo ranks)."""
 
 from __future__ import annotations
 
@@ -19,34 +20,16 @@ BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")
-def job(tmp_path_factory, tiny_quant_model_dir) -> dict[str, Path]:
-    """A tiny HF model (hidden 256: INT4 block 128 fits at TP=2), prompts and two local tasks."""
+def job(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("recipe")
-    train = root / "train.jsonl"
-    train.write_text("".join(json.dumps({"prompt": f"what is {i} plus {i + 1}?",
-                                         "response": f" {2 * i + 1}"}) + "\n" for i in range(16)))
-    mc = root / "mc.jsonl"
-    mc.write_text("".join(json.dumps({"query": f"what is {i} plus 2?",
-                                      "choices": [f" {i + 2}", f" {i + 3}", f" {i + 5}"],
-                                      "gold": i % 3}) + "\n" for i in range(6)))
-    gen = root / "gen.jsonl"
-    gen.write_text("".join(json.dumps({"question": f"what is {i} plus 1?",
-                                       "answer": str(i + 1)}) + "\n" for i in range(4)))
-    return {"root": root, "model": Path(tiny_quant_model_dir), "train": train, "mc": mc,
-            "gen": gen}
+    return {"root": root, "demo_dir": root / "demo_assets"}
 
 
 def _nemo_run(job: dict[str, Path], output_dir: Path, *extra: str) -> subprocess.CompletedProcess:
-    args = [
-        str(BIN / "nemo"), "run", "recipes/onpolicy_qat.py",
-        f"model.student={job['model']}", "model.teacher=", f"data.train_files=[{job['train']}]",
-        "data.chat_template=false", "evaluation.tasks=[]",
-        f"evaluation.local_tasks=[mc={job['mc']},gen={job['gen']}]", "evaluation.batch_size=4",
-        "optim.steps=2", "optim.warmup_steps=0", "optim.micro_batch_size=2",
-        "sampling.max_new_tokens=4", "quant.calibration_batches=1",
-        "logging.progress_bar=false", "logging.tensorboard=false", f"output_dir={output_dir}",
-        *extra,
-    ]
+    """The default (built-in demo) recipe with a few steps and 40 documents per task."""
+    args = [str(BIN / "nemo"), "run", "recipes/onpolicy_qat.py", "optim.steps=3",
+            "optim.micro_batch_size=8", "evaluation.limit=40", "logging.progress_bar=false",
+            f"demo_dir={job['demo_dir']}", f"output_dir={output_dir}", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NEMORUN_HOME": str(job["root"] / "home"),
            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     proc = subprocess.run(args, cwd=ROOT, env=env, text=True, stdin=subprocess.DEVNULL,
@@ -73,23 +56,29 @@ def test_tp1_end_to_end_writes_every_row(job, tp1):
     assert list(rows) == ["teacher", "PTQ int4", "on-policy QAT (int4)",
                           "export int4 (HF dequantised)"]
     assert [r["role"] for r in rows.values()] == ["teacher", "ptq", "student", "student"]
-    for record in report["records"]:  # every task, every document
-        assert {k: v["n"] for k, v in record["tasks"].items()} == {"mc": 6, "gen": 4}
+    for record in report["records"]:  # every task, 40 documents each
+        assert {k: v["n"] for k, v in record["tasks"].items()} == {"arith_gen": 40,
+                                                                   "arith_mc": 40}
     assert rows["export int4 (HF dequantised)"]["numerics"] == "HF dequantised float32"
     steps = [json.loads(line) for line in (tp1 / "metrics.jsonl").read_text().splitlines()]
-    assert [s["step"] for s in steps if "loss" in s] == [1, 2]
+    assert [s["step"] for s in steps if "loss" in s] == [1, 2, 3]
     quant_config = json.loads((tp1 / "export" / "hf_quant_config.json").read_text())
     assert quant_config["quantization"]["quant_algo"]
     assert (tp1 / "results.md").read_text().startswith("| Run |")
+    # The demo's premise, on the rows the recipe wrote: a good teacher, a PTQ student far
+    # below it (the demo's own tests pin the numbers).
+    assert rows["teacher"]["average"] > 0.9 > rows["PTQ int4"]["average"] + 0.2
 
 
 def test_teacher_row_matches_lm_eval_on_the_hf_model(job, tp1):
-    """Peer check of the recipe's teacher row: lm-eval's own HF model on the same directory."""
+    """Peer check of the recipe's teacher row: lm-eval's own HF model on the demo teacher."""
+    from nemo_opd.demo import prepare_demo
     from nemo_opd.eval.evaluate import evaluate_model
     from nemo_opd.eval.exported import hf_lm
 
-    lm = hf_lm(job["model"], dtype="float32", batch_size=4)
-    reference = evaluate_model(lm, (), local_tasks={"mc": job["mc"], "gen": job["gen"]})
+    assets = prepare_demo(job["demo_dir"])  # cached by the run: file checks only
+    lm = hf_lm(assets.teacher_dir, dtype="float32", batch_size=8)
+    reference = evaluate_model(lm, (), local_tasks=assets.eval_tasks, limit=40)
     assert _rows(tp1)["teacher"]["values"] == pytest.approx(
         {k: v["value"] for k, v in reference["tasks"].items()})
 
@@ -109,7 +98,7 @@ def test_requeued_job_reuses_baselines_and_its_final_checkpoint(job, tp1):
     for run in rows:
         assert rows[run]["values"] == before[run]["values"]
     steps = [json.loads(line) for line in (tp1 / "metrics.jsonl").read_text().splitlines()]
-    assert [s["step"] for s in steps if "loss" in s] == [1, 2]  # no extra step was appended
+    assert [s["step"] for s in steps if "loss" in s] == [1, 2, 3]  # no step was appended
 
 
 @pytest.mark.multirank
