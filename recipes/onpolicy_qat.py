@@ -1,6 +1,6 @@
 """On-policy QAT distillation: quantize a model to 4 bits, then win its accuracy back.
 
-    nemo run recipes/onpolicy_qat.py                       # built-in tiny CPU demo (~minutes)
+    nemo run recipes/onpolicy_qat.py                       # built-in tiny CPU demo (~2 min)
     nemo run recipes/onpolicy_qat.py distill.beta=0.5 quant.format=mxfp4 optim.steps=20
     nemo run recipes/onpolicy_qat.py --factory qwen3_4b_int4 model.student=/models/Qwen3-4B \\
         data.train_files=[/data/prompts.jsonl] run.executor=slurm run.executor.nodes=2
@@ -17,6 +17,8 @@
    ``<output_dir>/results.{json,md,png}``.
 """
 
+# No `from __future__ import annotations`: NeMo-Run 0.11 reads this function's annotations
+# (help, task serialization) and cannot resolve string ones.
 import dataclasses
 import logging
 from pathlib import Path

@@ -9,6 +9,9 @@ returning ``run.Partial(recipe_fn, **sections)`` with every section a nested ``r
 
 - ``--factory/-f PRESET`` chooses a preset (default: the recipe's default preset); an unknown
   preset or override key fails before anything runs, naming the closest valid ones;
+- ``key=value`` overrides are parsed here by each field's type annotation
+  (:func:`apply_overrides`): NeMo-Run 0.11's parser rejects ``from __future__ import
+  annotations`` strings; its own ``run.*`` arguments (executor, plugins) stay with it;
 - ``--help`` lists the presets and every overridable field with its value and documentation;
 - ``check(task_kwargs, executor)``, the recipe's own check of the built sections against the
   chosen executor (e.g. ranks vs TP × PP), runs before any job is submitted;
