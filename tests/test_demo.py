@@ -300,6 +300,8 @@ def test_teacher_is_accurate_ptq_is_not_and_distillation_recovers_at_tp1_and_tp2
     assets = _shipped_assets(tmp_path)
     (tp1,) = run_ranks(_premise, world_size=1, assets=assets, tp=1)
     tp2 = run_ranks(_premise, world_size=2, assets=assets, tp=2)
+    for result in (tp1, *tp2):
+        result["int4_distilled"].pop("seconds")  # wall time: differs between ranks
     assert tp2[0] == tp2[1]
     # Weight-only quantized logits agree across TP sizes to ~1e-6: the same problems are right.
     for key in ("teacher", "int4_ptq", "mxfp4_ptq"):
