@@ -45,6 +45,7 @@ from nemo_opd.launch.stages import (
     configure_logging,
     evaluate_export,
     evaluator,
+    exit_preempted,
     export_trained_student,
     log_rank0,
     reuse_or_evaluate,
@@ -82,7 +83,7 @@ def onpolicy_qat(
     ``demo_dir`` on first use). Returns the results table (also in
     ``<output_dir>/results.json``).
     """
-    from nemo_opd.train import load_checkpoint, run_distillation
+    from nemo_opd.train import PreemptionFlag, load_checkpoint, run_distillation
     from nemo_opd.train.optim import build_optimizer
     from nemo_opd.train.setup import (
         build_fresh_student_shell,
@@ -140,7 +141,13 @@ def onpolicy_qat(
                     exported.extend(export_trained_student(student, cfg, export))
             return {f"eval/{k}": v["value"] for k, v in record["tasks"].items()}
 
-        result = run_distillation(cfg, eval_hook=eval_hook)
+        # SLURM's signals (SIGUSR1 before the time limit, SIGTERM on preemption) stop training
+        # after the step in flight, with a checkpoint there; the job then exits non-zero without
+        # writing the table, and its requeue resumes from that checkpoint.
+        with PreemptionFlag() as preempted:
+            result = run_distillation(cfg, eval_hook=eval_hook, should_stop=preempted)
+        if result.preempted or preempted():  # (or signalled in the last step's evaluation)
+            exit_preempted(result.steps_done)
         log_rank0(logger, "distilled %d steps; last checkpoint %s", result.steps_done,
                   result.last_checkpoint)
         if records[-1]["role"] != "student":

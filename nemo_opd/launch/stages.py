@@ -12,7 +12,7 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -31,6 +31,8 @@ __all__ = [
     "export_trained_student",
     "evaluate_export",
     "write_results",
+    "PREEMPTED_EXIT_CODE",
+    "exit_preempted",
 ]
 
 logger = logging.getLogger(__name__)
@@ -225,3 +227,18 @@ def write_results(records: list[dict[str, Any]], output_dir: Path, *,
         print(render_markdown(table))
         print("results: " + ", ".join(str(p) for p in paths.values() if p is not None))
     return table
+
+
+PREEMPTED_EXIT_CODE = 75
+"""Exit status after a preemption signal stopped training with a checkpoint (EX_TEMPFAIL:
+try again). Any non-zero status makes NeMo-Run's SLURM batch script requeue the job."""
+
+
+def exit_preempted(steps_done: int) -> NoReturn:
+    """Log that a preemption signal stopped training with a checkpoint at ``steps_done`` and
+    exit with :data:`PREEMPTED_EXIT_CODE`, writing no results: the requeued job resumes from
+    that checkpoint and writes them."""
+    if is_rank0():
+        logger.warning("preempted at step %d, checkpoint saved; requeue resumes from it",
+                       steps_done)
+    raise SystemExit(PREEMPTED_EXIT_CODE)

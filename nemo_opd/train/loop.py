@@ -7,6 +7,10 @@ One optimizer step::
     → reduce grads (TP-partial sums, DP mean) → global grad norm → clip → AdamW
     → metrics → checkpoint (every N steps, atomically) → evaluation hook (every N steps)
 
+Preemption: with ``should_stop`` (e.g. a :class:`~nemo_opd.train.preemption.PreemptionFlag`)
+the flag is combined over all ranks after every optimizer step; when any rank's is set, every
+rank saves a checkpoint at that step and returns a result with ``preempted=True``.
+
 Exact resume: everything random is either keyed on ``(seed, step, micro batch)`` (λ draws,
 sampling seeds, replay picks, data order per epoch) or restored from the checkpoint (RNG
 states, data position, replay buffer, AdamW moments and step counts, weights, quantizer state),
@@ -80,6 +84,9 @@ class TrainResult:
     metrics_file: Path | None
     """The JSONL file (rank 0 with logging.jsonl), else None."""
     output_dir: Path
+    preempted: bool = False
+    """``should_stop`` asked to stop: training ended early at ``steps_done`` with a checkpoint
+    saved there (the evaluation hook of that step did not run); a rerun resumes from it."""
 
 
 class Trainer:
@@ -326,17 +333,30 @@ class Trainer:
             meta, keep_last=self.cfg.checkpoint.keep_last)
         return self.last_checkpoint
 
+    def _stop_requested(self, should_stop: Callable[[], bool]) -> bool:
+        """``should_stop()`` of any rank, on every rank (all-reduce MAX on the default group)."""
+        device = next(self.models.student.parameters()).device
+        flag = torch.tensor([1 if should_stop() else 0], dtype=torch.int32, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
     # ---------------------------------------------------------------- loop
 
-    def train(self, *, stop_after: int | None = None) -> TrainResult:
+    def train(self, *, stop_after: int | None = None,
+              should_stop: Callable[[], bool] | None = None) -> TrainResult:
         """Train from the current step to the end (or until ``stop_after`` steps are done in
-        total, e.g. a job's time slot; a later run resumes from the checkpoint saved then)."""
+        total, e.g. a job's time slot; a later run resumes from the checkpoint saved then).
+
+        ``should_stop`` (pass it on every rank or on none: it adds one collective per step) is
+        asked after every optimizer step; once it returns True on any rank, all ranks save a
+        checkpoint at that step and return with ``preempted=True``."""
         cfg = self.cfg
         end = self.total_steps if stop_after is None else min(stop_after, self.total_steps)
         sink = MetricsLogger(cfg, rank=self.rank, total_steps=self.total_steps,
                              start_step=self.start_step)
         history: list[dict[str, Any]] = []
         evaluations: list[dict[str, Any]] = []
+        steps_done, preempted = max(end, self.start_step), False
         try:
             for step in range(self.start_step, end):
                 try:
@@ -347,9 +367,17 @@ class Trainer:
                 done = step + 1
                 history.append({"step": done, **metrics})
                 sink.log(done, metrics)
+                preempted = should_stop is not None and self._stop_requested(should_stop)
                 every = cfg.checkpoint.save_every
-                if (every and done % every == 0) or done == end:
+                if (every and done % every == 0) or done == end or preempted:
                     self.save(done)
+                if preempted:
+                    steps_done = done
+                    if self.rank == 0:
+                        logger.warning("preempted: stopping after step %d of %d; checkpoint %s "
+                                       "saved", done, self.total_steps, self.last_checkpoint)
+                    sink.log_event(done, "preempted", {"checkpoint": str(self.last_checkpoint)})
+                    break
                 if self.eval_hook is not None and (
                         (cfg.eval_every and done % cfg.eval_every == 0) or done == end):
                     with torch.no_grad():
@@ -359,9 +387,10 @@ class Trainer:
                     sink.log_event(done, "eval", result)
         finally:
             sink.close()
-        return TrainResult(steps_done=max(end, self.start_step), history=history,
+        return TrainResult(steps_done=steps_done, history=history,
                            evaluations=evaluations, last_checkpoint=self.last_checkpoint,
-                           metrics_file=sink.jsonl_path, output_dir=Path(cfg.output_dir))
+                           metrics_file=sink.jsonl_path, output_dir=Path(cfg.output_dir),
+                           preempted=preempted)
 
 
 _RESUME_MUST_MATCH = ("model", "quant", "distill", "data", "seed")
@@ -387,8 +416,8 @@ def _check_resumable(cfg: RunConfig, meta: dict[str, Any], path: Path) -> None:
 
 def run_distillation(cfg: RunConfig, *, eval_hook: EvalHook | None = None,
                      stop_after: int | None = None,
-                     engine_factory: Callable[[torch.nn.Module, Any], RolloutEngine] | None = None
-                     ) -> TrainResult:
+                     engine_factory: Callable[[torch.nn.Module, Any], RolloutEngine] | None = None,
+                     should_stop: Callable[[], bool] | None = None) -> TrainResult:
     """Build student (HF weights → ModelOpt QAT) and teacher from ``cfg``, train, save, return.
 
     Runs inside an existing nemo_opd runtime (its layout must be the student's) or brings one
@@ -399,6 +428,9 @@ def run_distillation(cfg: RunConfig, *, eval_hook: EvalHook | None = None,
         eval_hook: evaluation every ``cfg.eval_every`` steps and at the end (:data:`EvalHook`).
         stop_after: stop once this many steps are done in total (checkpoint saved there).
         engine_factory: replaces the default colocated megatron rollout engine.
+        should_stop: asked after every optimizer step (on every rank; any rank's True counts):
+            save a checkpoint there and return with ``preempted=True`` (e.g. a
+            :class:`~nemo_opd.train.preemption.PreemptionFlag` on SLURM's signals).
 
     Raises:
         ValueError: bad data, teacher/student vocabulary disagreement, unsupported options
@@ -413,7 +445,7 @@ def run_distillation(cfg: RunConfig, *, eval_hook: EvalHook | None = None,
             raise ValueError(f"the running runtime has TP={tp} but ModelConfig.student_parallel "
                              f"asks for TP={wanted}")
         trainer = Trainer(cfg, engine_factory=engine_factory, eval_hook=eval_hook)
-        return trainer.train(stop_after=stop_after)
+        return trainer.train(stop_after=stop_after, should_stop=should_stop)
     with distributed_runtime(cfg.model.student_parallel, seed=cfg.seed):
         trainer = Trainer(cfg, engine_factory=engine_factory, eval_hook=eval_hook)
-        return trainer.train(stop_after=stop_after)
+        return trainer.train(stop_after=stop_after, should_stop=should_stop)
