@@ -15,7 +15,7 @@ which the recipe calls with the built executor before anything is submitted.
 SLURM jobs save checkpoints on the shared filesystem and survive preemption: the batch script is
 submitted with ``--requeue``; ``--signal=USR1@<preempt_grace_s>`` makes torchrun forward SIGUSR1
 to the workers (``TORCHELASTIC_SIGNALS_TO_HANDLE``) and give them ``preempt_grace_s`` seconds
-(``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``) to checkpoint (:mod:`nemo_opd.launch.preemption`); the job
+(``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``) to checkpoint (:mod:`nemo_opd.train.preemption`); the job
 then exits non-zero, NeMo-Run's script requeues it (up to ``retries`` times) and the trainer
 resumes from the newest checkpoint in the run's checkpoint directory.
 """
