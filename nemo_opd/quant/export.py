@@ -37,18 +37,16 @@ exporter synchronises with barriers.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import logging
 import shutil
-import sys
-import types
 from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
+from nemo_opd.quant.modelopt_fixes import modelopt_exporter_class
 from nemo_opd.quant.mx_numerics import (
     E2M1_MAX,
     e8m0_scale_exponent,
@@ -354,41 +352,6 @@ def _student_hf_tensors(model: torch.nn.Module) -> dict[str, QuantizedWeight]:
                                     strict=True):
             out[f"model.layers.{index}.{projection}"] = codes.rows(rows)
     return out
-
-
-# ------------------------------------------------------------------ ModelOpt's exporter
-
-
-def modelopt_exporter_class() -> type:
-    """ModelOpt's ``GPTModelExporter``, importable with megatron-core 0.16.
-
-    ModelOpt 0.47's ``unified_export_megatron`` imports ``HybridModel`` from
-    ``megatron.core.models.hybrid.hybrid_model``, the newer megatron name of ``MambaModel``;
-    megatron-core 0.16 has only ``megatron.core.models.mamba``. The failed import stops ModelOpt's
-    guarded import block half way, leaving ``LLaVAModel``, ``TransformerLayer``, ``IdentityOp``
-    and the parallel-state getters undefined, and every export fails with ``NameError``. We
-    register the old class under the new module name and re-run that module's imports (reload).
-    Nothing else of ModelOpt or megatron changes; with a megatron that has the module this is a
-    no-op.
-    """
-    from modelopt.torch.export import unified_export_megatron
-
-    if hasattr(unified_export_megatron, "TransformerLayer"):
-        return unified_export_megatron.GPTModelExporter
-    if importlib.util.find_spec("megatron.core.models.hybrid") is None:
-        from megatron.core.models.mamba.mamba_model import MambaModel
-
-        package = types.ModuleType("megatron.core.models.hybrid")
-        module = types.ModuleType("megatron.core.models.hybrid.hybrid_model")
-        module.HybridModel = MambaModel
-        package.hybrid_model = module
-        sys.modules[package.__name__] = package
-        sys.modules[module.__name__] = module
-    unified_export_megatron = importlib.reload(unified_export_megatron)
-    if not hasattr(unified_export_megatron, "TransformerLayer"):
-        raise ImportError("ModelOpt's megatron exporter cannot import its megatron-core names "
-                          "even with the HybridModel alias; check the installed versions")
-    return unified_export_megatron.GPTModelExporter
 
 
 def _replace_quantized_tensors(layer_state_dicts: dict[int, dict[str, torch.Tensor]],

@@ -11,15 +11,25 @@
    anywhere in the key, and leaves one-element (per-tensor, TP-replicated) tensors alone: they
    have no gate/up halves. Test: ``tests/test_quant_checkpoint.py`` (TP=2 -> TP=1 exact).
 
+2. **``unified_export_megatron`` does not import with megatron-core 0.16.** It imports
+   ``HybridModel`` from ``megatron.core.models.hybrid``, which megatron-core 0.16 does not have,
+   so every export fails with ``NameError``. :func:`modelopt_exporter_class` registers
+   megatron's ``MambaModel`` under that name and reloads the module. Test:
+   ``tests/test_quant_export.py``.
+
 (ModelOpt's CPU gap, an unconditional ``torch.cuda.synchronize()`` when saving, is handled with
 the other CPU accommodations in :mod:`nemo_opd.runtime.cpu_backend`.)
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import re
+import sys
+import types
 
-__all__ = ["apply_modelopt_fixes"]
+__all__ = ["apply_modelopt_fixes", "modelopt_exporter_class"]
 
 _APPLIED = False
 
@@ -51,3 +61,35 @@ def apply_modelopt_fixes() -> None:
 
     _MegatronMLP.sharded_state_dict = _sharded_state_dict_with_glu_split
     _APPLIED = True
+
+
+def modelopt_exporter_class() -> type:
+    """ModelOpt's ``GPTModelExporter``, importable with megatron-core 0.16.
+
+    ModelOpt 0.47's ``unified_export_megatron`` imports ``HybridModel`` from
+    ``megatron.core.models.hybrid.hybrid_model``, the newer megatron name of ``MambaModel``;
+    megatron-core 0.16 has only ``megatron.core.models.mamba``. The failed import stops ModelOpt's
+    guarded import block half way, leaving ``LLaVAModel``, ``TransformerLayer``, ``IdentityOp``
+    and the parallel-state getters undefined, and every export fails with ``NameError``. We
+    register the old class under the new module name and re-run that module's imports (reload).
+    Nothing else of ModelOpt or megatron changes; with a megatron that has the module this is a
+    no-op.
+    """
+    from modelopt.torch.export import unified_export_megatron
+
+    if hasattr(unified_export_megatron, "TransformerLayer"):
+        return unified_export_megatron.GPTModelExporter
+    if importlib.util.find_spec("megatron.core.models.hybrid") is None:
+        from megatron.core.models.mamba.mamba_model import MambaModel
+
+        package = types.ModuleType("megatron.core.models.hybrid")
+        module = types.ModuleType("megatron.core.models.hybrid.hybrid_model")
+        module.HybridModel = MambaModel
+        package.hybrid_model = module
+        sys.modules[package.__name__] = package
+        sys.modules[module.__name__] = module
+    unified_export_megatron = importlib.reload(unified_export_megatron)
+    if not hasattr(unified_export_megatron, "TransformerLayer"):
+        raise ImportError("ModelOpt's megatron exporter cannot import its megatron-core names "
+                          "even with the HybridModel alias; check the installed versions")
+    return unified_export_megatron.GPTModelExporter
