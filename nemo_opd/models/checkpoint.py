@@ -30,8 +30,10 @@ def save_model_checkpoint(model: torch.nn.Module, directory: str | Path) -> None
     apply_modelopt_fixes()
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_sharded_modelopt_state([model], str(directory))
+    # Weights first: megatron's save takes a non-empty directory without metadata.json for a
+    # crashed save and logs that it overwrites it; ModelOpt's state goes in a subdirectory after.
     dist_checkpointing.save(model.sharded_state_dict(), str(directory))
+    save_sharded_modelopt_state([model], str(directory))
 
 
 def load_model_checkpoint(model: torch.nn.Module, directory: str | Path) -> torch.nn.Module:
