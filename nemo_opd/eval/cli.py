@@ -25,10 +25,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from nemo_opd.eval.evaluate import ROLES, is_reporting_rank
+from nemo_opd.eval.evaluate import ROLES
 from nemo_opd.eval.exported import BackendUnavailable
 from nemo_opd.eval.lm import dtype_label
 from nemo_opd.eval.tasks import HUB_TASKS, TASK_SETS, LocalTask, load_tasks, resolve_tasks
+from nemo_opd.runtime import is_rank0
 
 __all__ = ["main", "build_eval_parser", "build_compare_parser"]
 
@@ -179,7 +180,7 @@ def _evaluate(argv: list[str]) -> int:
         record = evaluate_model(lm, args.tasks, local_tasks=local, data_dir=args.data_dir,
                                 limit=args.limit, num_fewshot=args.num_fewshot, run_name=name,
                                 role=args.role)
-        reporting = is_reporting_rank()  # asked while the runtime (if any) is still up
+        reporting = is_rank0()  # asked while the runtime (if any) is still up
     if reporting:
         paths = write_report([record], args.out)
         print(Path(paths["md"]).read_text(), end="")

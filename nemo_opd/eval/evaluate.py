@@ -13,7 +13,7 @@ runs), runs lm-eval's ``evaluate`` and returns a :data:`RESULT_SCHEMA` record::
 
 A column made of several lm-eval tasks (MMLU's 57 subjects) is their document-weighted mean,
 as lm-eval's own MMLU group reports it. At TP > 1 every rank of the model runs the evaluation
-(identical results); callers write files from rank 0 only (:func:`is_reporting_rank`).
+(identical results); callers write files from rank 0 only (:func:`nemo_opd.runtime.is_rank0`).
 """
 
 from __future__ import annotations
@@ -25,12 +25,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch.distributed as dist
-
 from nemo_opd.eval.lm import LMConfig, MegatronLM
 from nemo_opd.eval.tasks import LocalTask, ResolvedTask, load_tasks, resolve_tasks
+from nemo_opd.runtime import is_rank0
 
-__all__ = ["RESULT_SCHEMA", "evaluate_model", "is_reporting_rank", "ROLES"]
+__all__ = ["RESULT_SCHEMA", "evaluate_model", "ROLES"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,11 +38,6 @@ FEWSHOT_SEED = 1234
 """lm-eval's default seed for choosing few-shot examples (same prompts as its CLI)."""
 ROLES = ("teacher", "ptq", "student")
 """Roles the results table knows: the PTQ gap is measured between ``teacher`` and ``ptq``."""
-
-
-def is_reporting_rank() -> bool:
-    """True on global rank 0 (or without torch.distributed): the rank that writes reports."""
-    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def _as_lm(lm_or_model: Any, tokenizer: Any, lm_config: LMConfig | None):
@@ -127,7 +121,7 @@ def evaluate_model(lm_or_model: Any, tasks: Sequence[str] = (), *,
     loaded = load_tasks(resolved)
     for task in loaded["tasks"].values():
         _set_fewshot(task, num_fewshot)
-    if is_reporting_rank():
+    if is_rank0():
         logger.info("evaluating %s (%s) on %s", run_name, numerics,
                     ", ".join(f"{t.name} [{len(t.leaves)} task(s)]" for t in resolved))
     # lm-eval's lower-level `evaluate`, not `simple_evaluate`: the latter returns results on

@@ -22,9 +22,10 @@ from typing import Any
 
 import torch
 
-from nemo_opd.eval.evaluate import evaluate_model, is_reporting_rank
+from nemo_opd.eval.evaluate import evaluate_model
 from nemo_opd.eval.lm import LMConfig, MegatronLM
 from nemo_opd.eval.tasks import LocalTask, resolve_tasks
+from nemo_opd.runtime import is_rank0
 
 __all__ = ["EvalHook", "make_eval_hook"]
 
@@ -72,7 +73,7 @@ class EvalHook:
                 module.training = training
         record["step"] = step
         self.history.append(record)
-        if is_reporting_rank():
+        if is_rank0():
             logger.info("step %d eval: %s (avg %.4f)", step, ", ".join(
                 f"{t}={c['value']:.4f}" for t, c in record["tasks"].items()), record["average"])
             if self.out_dir is not None:

@@ -41,6 +41,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from nemo_opd.loss import vocab_parallel_logprobs
+from nemo_opd.runtime import is_rank0
 
 __all__ = ["LMConfig", "MegatronLM", "TokenizerRoundTripError", "describe_numerics",
            "dtype_label"]
@@ -146,7 +147,7 @@ class MegatronLM(TemplateLM):
         group = tp_group if tp_group is not None else model.pg_collection.tp
         self._tp_group = group if dist.get_world_size(group) > 1 else None
         self._tp_rank = dist.get_rank(group) if self._tp_group is not None else 0
-        self._show_progress = not dist.is_initialized() or dist.get_rank() == 0
+        self._show_progress = is_rank0()
         self._device = next(model.parameters()).device
         self.numerics = self.config.numerics or describe_numerics(model)
         self._max_length = self.config.max_length or int(model.max_sequence_length)

@@ -19,9 +19,9 @@ import torch.distributed as dist
 
 from nemo_opd.config import DataConfig, ModelConfig, RunConfig
 from nemo_opd.launch.plans import DEMO, EvalPlan, ExportPlan
+from nemo_opd.runtime import is_rank0
 
 __all__ = [
-    "is_rank0",
     "log_rank0",
     "configure_logging",
     "use_demo_assets",
@@ -38,10 +38,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 Evaluate = Callable[..., dict[str, Any]]
-
-
-def is_rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def _barrier() -> None:

@@ -53,6 +53,7 @@ from nemo_opd.quant.mx_numerics import (
     round_to_e2m1,
     round_to_e4m3,
 )
+from nemo_opd.runtime import is_rank0
 
 __all__ = [
     "WeightFormat",
@@ -491,7 +492,7 @@ def export_student(model: torch.nn.Module, hf_model_dir: str | Path, export_dir:
         exporter.layer_state_dicts, student)
     export_dir.mkdir(parents=True, exist_ok=True)
     exporter.save_pretrained(str(export_dir), str(hf_model_dir))
-    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+    if is_rank0():
         block_size = next(iter(student.values())).block_size
         _write_quant_config(exporter, export_dir, fmt, block_size)
         if tokenizer_dir is not None:

@@ -42,6 +42,7 @@ __all__ = [
     "distributed_runtime",
     "seed_all",
     "runtime_device",
+    "is_rank0",
     "model_process_groups",
     "tensor_parallel_layout",
 ]
@@ -97,6 +98,11 @@ class RuntimeInfo:
 
 
 _RUNTIME: RuntimeInfo | None = None
+
+
+def is_rank0() -> bool:
+    """True on global rank 0, or without torch.distributed: the rank that logs and writes files."""
+    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def runtime_device() -> torch.device:
