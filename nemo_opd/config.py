@@ -24,6 +24,8 @@ from nemo_opd.runtime import ParallelConfig
 __all__ = [
     "DTYPES",
     "LOSS_KINDS",
+    "RECOMPUTE_GRANULARITIES",
+    "RECOMPUTE_METHODS",
     "OVERLONG_POLICIES",
     "STRATEGIES",
     "CheckpointConfig",
@@ -38,6 +40,8 @@ __all__ = [
 ]
 
 DTYPES = ("float32", "bfloat16", "float16")
+RECOMPUTE_GRANULARITIES = ("none", "selective", "full")
+RECOMPUTE_METHODS = ("uniform", "block")
 LOSS_KINDS = ("full", "topk", "sampled")
 OVERLONG_POLICIES = ("truncate_left", "drop", "error")
 STRATEGIES = ("on_policy_gkd", "hybrid", "extended_on_policy", "teacher_seeded", "mixture",
@@ -90,6 +94,15 @@ class ModelConfig:
     """Student parameter dtype, one of :data:`DTYPES` (bf16 on GPU, fp32 on CPU)."""
     teacher_dtype: str = "float32"
     """Teacher parameter dtype, one of :data:`DTYPES`."""
+    recompute_granularity: str = "none"
+    """Student activation recompute (megatron-core ``recompute_granularity``): "none",
+    "selective" (the attention core only) or "full" (whole layers, see ``recompute_method``).
+    The teacher runs forward only and keeps no activations."""
+    recompute_method: str = "uniform"
+    """With "full" recompute: "uniform" checkpoints every ``recompute_num_layers`` layers,
+    "block" recomputes the first ``recompute_num_layers`` layers of each pipeline stage."""
+    recompute_num_layers: int = 1
+    """Layers per recompute group ("uniform") or recomputed layers per stage ("block"); >= 1."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.student, str) or not self.student:
@@ -102,6 +115,9 @@ class ModelConfig:
                 _fail(self, field, "a nemo_opd.runtime.ParallelConfig")
         for field in ("student_dtype", "teacher_dtype"):
             _check_choice(self, field, DTYPES)
+        _check_choice(self, "recompute_granularity", RECOMPUTE_GRANULARITIES)
+        _check_choice(self, "recompute_method", RECOMPUTE_METHODS)
+        _check_ints(self, 1, "recompute_num_layers")
 
     @property
     def self_distillation(self) -> bool:
@@ -228,7 +244,11 @@ class DistillConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with linear warmup then cosine decay, clipping and gradient accumulation."""
+    """AdamW with linear warmup then cosine decay, clipping and gradient accumulation.
+
+    Numerics follow megatron-core: with bf16/fp16 parameters the optimizer keeps fp32 master
+    weights and fp32 moments, gradients are accumulated and reduced in fp32, and fp16 adds loss
+    scaling (:mod:`nemo_opd.train.optim`)."""
 
     lr: float = 1e-5
     """Peak learning rate (> 0)."""
@@ -252,6 +272,19 @@ class OptimConfig:
     """Optimizer steps (>= 1); extended_on_policy multiplies it."""
     micro_batch_size: int = 4
     """Prompts per micro batch per data-parallel rank (rollouts: × sampling.n rows)."""
+    use_distributed_optimizer: bool = True
+    """Shard fp32 master weights and optimizer moments over the data-parallel ranks (megatron's
+    distributed optimizer, GPU). Without CUDA every rank keeps the full fp32 state."""
+    loss_scale: float = 0.0
+    """fp16 only: a fixed loss scale; 0 = dynamic loss scaling (bf16/fp32 use none)."""
+    initial_loss_scale: float = 2.0**16
+    """fp16 dynamic loss scaling: the starting scale (> 0)."""
+    min_loss_scale: float = 1.0
+    """fp16 dynamic loss scaling: the scale never drops below this (> 0)."""
+    loss_scale_window: int = 1000
+    """fp16 dynamic loss scaling: steps without overflow before the scale doubles (>= 1)."""
+    hysteresis: int = 2
+    """fp16 dynamic loss scaling: overflowing steps tolerated before the scale halves (>= 1)."""
 
     def __post_init__(self) -> None:
         if not _is_number(self.lr) or self.lr <= 0:
@@ -266,8 +299,16 @@ class OptimConfig:
                 _fail(self, field, "a finite number >= 0")
         if not _is_number(self.adam_eps) or self.adam_eps <= 0:
             _fail(self, "adam_eps", "a finite number > 0")
-        _check_ints(self, 1, "grad_accumulation", "steps", "micro_batch_size")
+        _check_ints(self, 1, "grad_accumulation", "steps", "micro_batch_size",
+                    "loss_scale_window", "hysteresis")
         _check_ints(self, 0, "warmup_steps")
+        if not isinstance(self.use_distributed_optimizer, bool):
+            _fail(self, "use_distributed_optimizer", "a bool")
+        if not _is_number(self.loss_scale) or self.loss_scale < 0:
+            _fail(self, "loss_scale", "a finite number >= 0 (0 = dynamic)")
+        for field in ("initial_loss_scale", "min_loss_scale"):
+            if not _is_number(getattr(self, field)) or getattr(self, field) <= 0:
+                _fail(self, field, "a finite number > 0")
         if self.warmup_steps >= self.steps:
             _fail(self, "warmup_steps", f"< steps={self.steps}")
 

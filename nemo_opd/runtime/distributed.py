@@ -60,12 +60,23 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = 1
     """Ranks that split the stack of layers."""
 
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism: layer norms and dropout work on ``[s/tp, b, h]`` shards
+    (activations divided by TP outside the matmuls). Needs TP > 1, and on CPU is refused (its
+    fused kernels need CUDA and apex / Transformer Engine)."""
+
     def __post_init__(self) -> None:
         for field in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
             value = getattr(self, field)
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(
                     f"ParallelConfig.{field} must be a positive integer, got {value!r}")
+        if not isinstance(self.sequence_parallel, bool):
+            raise ValueError(f"ParallelConfig.sequence_parallel must be a bool, got "
+                             f"{self.sequence_parallel!r}")
+        if self.sequence_parallel and self.tensor_model_parallel_size == 1:
+            raise ValueError("ParallelConfig.sequence_parallel = True needs "
+                             "tensor_model_parallel_size > 1 (it shards activations over TP)")
 
     @property
     def model_parallel_size(self) -> int:
