@@ -37,7 +37,8 @@ from nemo_opd.config import (
     RunConfig,
 )
 from nemo_opd.launch import executors  # noqa: F401  (registers run.executor=local|slurm|docker)
-from nemo_opd.launch.executors import check_world_fits
+from nemo_opd.launch.executors import check_world_fits, executor_gpu_memory_gib
+from nemo_opd.launch.memory import check_memory_fits, format_plan
 from nemo_opd.launch.plans import DEMO, EvalPlan, ExportPlan
 from nemo_opd.launch.recipe import config_tree, recipe_main
 from nemo_opd.launch.stages import (
@@ -235,23 +236,32 @@ def _real_model(student: str, fmt: str, tp: int, train_files: str) -> run.Partia
 
 @run.cli.factory(target=onpolicy_qat)
 def qwen3_4b_int4() -> run.Partial:
-    """Qwen3-4B, INT4 weights (block 128; TensorRT-LLM on Hopper), TP=1, from local HF dirs."""
+    """Qwen3-4B, INT4 weights (block 128; TensorRT-LLM on Hopper), TP=1, from local HF dirs.
+    The memory planner accepts it on H100-80GB from 2 GPUs on (docs/scaling.md)."""
     return _real_model("/models/Qwen3-4B", "int4", tp=1, train_files="/data/prompts.jsonl")
 
 
 @run.cli.factory(target=onpolicy_qat)
 def llama31_8b_mxfp4() -> run.Partial:
-    """Llama-3.1-8B-Instruct, MXFP4 weights (served on Blackwell), TP=2, local HF dirs."""
+    """Llama-3.1-8B-Instruct, MXFP4 weights (served on Blackwell), TP=2, local HF dirs.
+    The memory planner accepts it on H100-80GB from 4 GPUs on (docs/scaling.md)."""
     return _real_model("/models/Llama-3.1-8B-Instruct", "mxfp4", tp=2,
                        train_files="/data/prompts.jsonl")
 
 
 def check(kwargs: dict[str, Any], executor: run.Executor | None) -> None:
-    """Before anything is submitted: the whole config is valid and the executor's ranks are a
-    multiple of the student's TP × PP."""
+    """Before anything is submitted: the whole config is valid, the executor's ranks are a
+    multiple of the student's TP × PP, and, when the executor targets GPUs
+    (``executor_gpu_memory_gib``), the memory plan of the worst rank fits one GPU: the plan is
+    printed, or refused with its breakdown and the settings to change. Only the models'
+    ``config.json`` files are read (nemo_opd.launch.memory)."""
     fields = {f.name for f in dataclasses.fields(RunConfig)}
     cfg = RunConfig(**{k: v for k, v in kwargs.items() if k in fields})
-    check_world_fits(executor, cfg.model.student_parallel)
+    world = check_world_fits(executor, cfg.model.student_parallel)
+    gpu_memory_gib = executor_gpu_memory_gib(executor)
+    plan = check_memory_fits(cfg, world, gpu_memory_gib)
+    if plan is not None:
+        print(format_plan(plan, gpu_memory_gib))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,14 @@ All three start the job with torchrun (one process per GPU; ``nproc_per_node`` p
 CPU). Whether the ranks fit the model's parallel layout is checked by :func:`check_world_fits`,
 which the recipe calls with the built executor before anything is submitted.
 
+GPU memory. Each builder takes ``gpu_memory_gib``, the memory of one GPU (H100-80GB: 80 by
+default on SLURM and Docker); the recipe's pre-submission check refuses a layout whose memory
+plan (:mod:`nemo_opd.launch.memory`) exceeds it, before any weight loads. The check applies
+when the executor targets GPUs: SLURM always, Docker unless ``num_gpus=0``, local torchrun when
+``nvidia-smi`` reports a GPU (its memory is used) or ``gpu_memory_gib`` is set; ``0`` turns it
+off. The figure travels in the job's environment as ``NEMO_OPD_GPU_MEMORY_GIB``
+(:func:`executor_gpu_memory_gib` reads it back).
+
 SLURM jobs save checkpoints on the shared filesystem and survive preemption: the batch script is
 submitted with ``--requeue``; ``--signal=USR1@<preempt_grace_s>`` makes torchrun forward SIGUSR1
 to the workers (``TORCHELASTIC_SIGNALS_TO_HANDLE``) and give them ``preempt_grace_s`` seconds
@@ -22,6 +30,8 @@ resumes from the newest checkpoint in the run's checkpoint directory.
 
 import os
 import re
+import shutil
+import subprocess
 import sys
 
 import nemo_run as run
@@ -30,10 +40,13 @@ from nemo_opd.runtime import ParallelConfig
 
 __all__ = [
     "PREEMPT_SIGNAL",
+    "GPU_MEMORY_ENV",
     "local_executor",
     "slurm_executor",
     "docker_executor",
     "executor_world_size",
+    "executor_gpu_memory_gib",
+    "local_gpu_memory_gib",
     "check_world_fits",
     "local",
     "slurm",
@@ -42,6 +55,8 @@ __all__ = [
 
 PREEMPT_SIGNAL = "SIGUSR1"
 """Signal SLURM sends ``preempt_grace_s`` before the time limit; workers checkpoint on it."""
+GPU_MEMORY_ENV = "NEMO_OPD_GPU_MEMORY_GIB"
+"""Executor environment variable holding the GPU memory the memory plan is checked against."""
 
 _TIME = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$")
 _TORCHRUN_SIGNALS = f"SIGTERM,SIGINT,SIGHUP,SIGQUIT,{PREEMPT_SIGNAL}"
@@ -74,15 +89,43 @@ def _mounts(text: str, field: str) -> list[str]:
     return mounts
 
 
-def local_executor(nproc_per_node: int = 1, env_vars: str = "") -> run.LocalExecutor:
+def _gpu_memory(value: float) -> dict[str, str]:
+    """The executor environment entry for ``gpu_memory_gib`` (none when 0: no check)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ValueError(f"executor gpu_memory_gib must be a number of GiB >= 0 (0 = no memory "
+                         f"check), got {value!r}")
+    return {GPU_MEMORY_ENV: f"{float(value):g}"} if value else {}
+
+
+def local_gpu_memory_gib() -> float | None:
+    """Memory of this machine's first GPU in GiB as ``nvidia-smi`` reports it (no CUDA context
+    is created in this process); None without ``nvidia-smi`` or a GPU."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None
+    try:
+        out = subprocess.run([smi, "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+        return float(out.split()[0]) / 1024  # MiB
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
+def local_executor(nproc_per_node: int = 1, env_vars: str = "",
+                   gpu_memory_gib: float = -1.0) -> run.LocalExecutor:
     """torchrun with ``nproc_per_node`` processes on this machine (GPUs when present, else
-    CPU ranks over gloo)."""
+    CPU ranks over gloo). ``gpu_memory_gib``: -1 = this machine's GPU memory
+    (:func:`local_gpu_memory_gib`; no memory check on CPU ranks), 0 = no check, > 0 = check the
+    memory plan against it."""
     _positive("nproc_per_node", nproc_per_node)
+    if gpu_memory_gib == -1:
+        gpu_memory_gib = local_gpu_memory_gib() or 0.0
     # torchrun from this interpreter's environment, also when it is not activated (a plain
     # `.venv/bin/python recipe.py` leaves the venv's bin/ off PATH).
     path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
     return run.LocalExecutor(ntasks_per_node=nproc_per_node, launcher="torchrun",
-                             env_vars={"OMP_NUM_THREADS": "1", "PATH": path, **_env(env_vars)})
+                             env_vars={"OMP_NUM_THREADS": "1", "PATH": path,
+                                       **_gpu_memory(gpu_memory_gib), **_env(env_vars)})
 
 
 def slurm_executor(
@@ -103,6 +146,7 @@ def slurm_executor(
     rdzv_port: int = 29500,
     packager: str = "git",
     env_vars: str = "",
+    gpu_memory_gib: float = 80.0,
 ) -> run.SlurmExecutor:
     """A multi-node SLURM job in a container through pyxis/enroot, torchrun on every node.
 
@@ -128,6 +172,8 @@ def slurm_executor(
         packager: "git" ships ``git archive HEAD`` of this checkout (committed code only);
             "none" runs the nemo_opd installed in the container.
         env_vars: extra environment variables for every rank, ``KEY=VALUE,KEY2=VALUE2``.
+        gpu_memory_gib: memory of one GPU in GiB (80: H100-80GB; H200: 141); a layout whose
+            memory plan exceeds it is refused before submission; 0 = no check.
 
     List-like arguments are comma-separated strings: NeMo-Run 0.11's command-line parser reads
     ``X | None`` and unquoted list items poorly, and strings pass through it unchanged.
@@ -182,6 +228,7 @@ def slurm_executor(
             "TORCHELASTIC_SIGNALS_TO_HANDLE": _TORCHRUN_SIGNALS,
             "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(preempt_grace_s),
             "NEMO_OPD_PREEMPT_SIGNAL": PREEMPT_SIGNAL,
+            **_gpu_memory(gpu_memory_gib),
             **_env(env_vars),
         },
     )
@@ -196,9 +243,11 @@ def docker_executor(
     shm_size: str = "16g",
     packager: str = "git",
     env_vars: str = "",
+    gpu_memory_gib: float = 80.0,
 ) -> run.DockerExecutor:
     """torchrun inside a local Docker container (NVIDIA runtime; ``num_gpus=-1`` = all GPUs,
-    0 = CPU only); ``volumes`` and ``env_vars`` as in :func:`slurm_executor`."""
+    0 = CPU only); ``volumes``, ``env_vars`` and ``gpu_memory_gib`` (not checked with
+    ``num_gpus=0``) as in :func:`slurm_executor`."""
     _positive("nproc_per_node", nproc_per_node)
     container_image = container_image or os.environ.get("NEMO_OPD_CONTAINER", "")
     if not container_image:
@@ -210,6 +259,7 @@ def docker_executor(
     if packager not in ("git", "none"):
         raise ValueError(f"executor packager must be 'git' or 'none', got {packager!r}")
     mounts = _mounts(volumes, "volumes")
+    memory = _gpu_memory(gpu_memory_gib)
     return run.DockerExecutor(
         container_image=container_image,
         ntasks_per_node=nproc_per_node,
@@ -221,7 +271,7 @@ def docker_executor(
         volumes=mounts,
         packager=run.GitArchivePackager() if packager == "git" else run.Packager(),
         launcher="torchrun",
-        env_vars=_env(env_vars),
+        env_vars={**(memory if num_gpus else {}), **_env(env_vars)},
     )
 
 
@@ -230,6 +280,16 @@ def executor_world_size(executor: run.Executor | None) -> int:
     if executor is None:
         return 1
     return executor.nnodes() * executor.nproc_per_node()
+
+
+def executor_gpu_memory_gib(executor: run.Executor | None) -> float | None:
+    """GPU memory in GiB the job's memory plan must fit, or None when the job runs on CPU ranks
+    or the check is off: the executor's ``gpu_memory_gib``; for an in-process run (no
+    executor), this machine's GPU (:func:`local_gpu_memory_gib`)."""
+    if executor is None:
+        return local_gpu_memory_gib()
+    value = float(executor.env_vars.get(GPU_MEMORY_ENV) or 0)
+    return value or None
 
 
 def check_world_fits(executor: run.Executor | None, parallel: ParallelConfig) -> int:
