@@ -445,6 +445,7 @@ class RunConfig:
                 f"DistillConfig.loss = 'full' needs the teacher's TP size ({teacher_tp}) to equal "
                 f"the student's ({student_tp}): full-vocabulary logits are not moved between "
                 "layouts; use loss='topk' or 'sampled'")
+        self._check_pipeline()
         off_policy_needed = self.distill.lmbda < 1 or self.distill.strategy.name in (
             "hybrid", "mixture", "reverse_curriculum")
         if off_policy_needed and not self.data.response_field:
@@ -457,6 +458,32 @@ class RunConfig:
             raise ValueError("StrategyConfig.seed_prefix_loss = True cannot be used with "
                              "DistillConfig.loss = 'sampled': the teacher-written tokens were "
                              "not sampled from the student")
+
+    @property
+    def needs_rollouts(self) -> bool:
+        """Whether any batch of the run comes from student (or teacher-seeded) rollouts."""
+        strategy = self.distill.strategy
+        if strategy.name == "mixture":
+            return strategy.mixture_weight < 1
+        return self.distill.lmbda > 0
+
+    def _check_pipeline(self) -> None:
+        student_pp = self.model.student_parallel.pipeline_model_parallel_size
+        teacher_pp = self.model.teacher_parallel.pipeline_model_parallel_size
+        if teacher_pp != student_pp:
+            raise ValueError(
+                f"ModelConfig.teacher_parallel.pipeline_model_parallel_size = {teacher_pp} must "
+                f"equal student_parallel.pipeline_model_parallel_size = {student_pp}: the "
+                "teacher's last stage must hold the student's last-stage tokens (use the "
+                "teacher's tensor_model_parallel_size to give it more GPUs)")
+        if student_pp > 1 and self.needs_rollouts:
+            raise ValueError(
+                f"ModelConfig.student_parallel.pipeline_model_parallel_size = {student_pp} with "
+                f"rollouts (distill.lmbda = {self.distill.lmbda}, strategy "
+                f"{self.distill.strategy.name!r}): the colocated rollout engine generates with "
+                "the whole model on each rank (PP = 1). Use tensor parallelism instead "
+                "(student_parallel.tensor_model_parallel_size), or train off-policy at PP > 1 "
+                "(distill.lmbda = 0)")
 
     @property
     def checkpoint_dir(self) -> Path:

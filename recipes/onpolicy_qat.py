@@ -84,8 +84,8 @@ def onpolicy_qat(
     ``demo_dir`` on first use). Returns the results table (also in
     ``<output_dir>/results.json``).
     """
-    from nemo_opd.train import PreemptionFlag, load_checkpoint, run_distillation
-    from nemo_opd.train.optim import build_optimizer
+    from nemo_opd.models.checkpoint import load_model_checkpoint
+    from nemo_opd.train import PreemptionFlag, run_distillation
     from nemo_opd.train.setup import (
         build_fresh_student_shell,
         build_student,
@@ -154,8 +154,8 @@ def onpolicy_qat(
         if records[-1]["role"] != "student":
             # A requeued job whose training had already finished: the loop ran no step, so the
             # hook never saw the trained student; evaluate (and export) its final checkpoint.
-            student = load_checkpoint(result.last_checkpoint, build_fresh_student_shell(cfg),
-                                      lambda model: build_optimizer(model, cfg.optim))[0]
+            student = load_model_checkpoint(build_fresh_student_shell(cfg),
+                                            result.last_checkpoint / "model")
             eval_hook(student, cfg.total_steps)
             del student
 

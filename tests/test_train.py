@@ -254,8 +254,8 @@ def _tp1_body(dirs: dict[str, str], train_file: str, root: str) -> dict:
         good = latest_checkpoint(cfg.checkpoint_dir)
         out["nan_latest"] = good.name if good else None
         shell = build_gpt_model(read_hf_config(cfg.model.student), ParallelConfig(1))
-        loaded, _, state, meta = load_checkpoint(good, shell,
-                                                 lambda m: build_optimizer(m, cfg.optim))
+        loaded, _, state, meta = load_checkpoint(
+            good, shell, lambda m: build_optimizer(m, cfg.optim, cfg.total_steps))
         live = dict(trainer.models.student.named_parameters())
         out["nan_ckpt_equal"] = all(torch.equal(p, live[n]) for n, p in loaded.named_parameters())
         out["nan_ckpt_finite"] = all(torch.isfinite(p).all() for p in loaded.parameters())
@@ -263,7 +263,7 @@ def _tp1_body(dirs: dict[str, str], train_file: str, root: str) -> dict:
         # A save that crashes half-way (unpicklable trainer state after model + optimizer were
         # written) leaves the previous checkpoint the latest, and loadable.
         try:
-            save_checkpoint(cfg.checkpoint_dir, 99, trainer.models.student, trainer.optimizer,
+            save_checkpoint(cfg.checkpoint_dir, 99, trainer.models.student, trainer.optim,
                             {"unpicklable": lambda: None}, {"world_size": 1}, keep_last=2)
             out["crash_raised"] = False
         except Exception:  # noqa: BLE001 - whatever pickling raises
@@ -272,7 +272,7 @@ def _tp1_body(dirs: dict[str, str], train_file: str, root: str) -> dict:
         out["crash_latest"] = after.name
         out["crash_tmp_left"] = sorted(p.name for p in Path(cfg.checkpoint_dir).iterdir())
         shell = build_gpt_model(read_hf_config(cfg.model.student), ParallelConfig(1))
-        load_checkpoint(after, shell, lambda m: build_optimizer(m, cfg.optim))
+        load_checkpoint(after, shell, lambda m: build_optimizer(m, cfg.optim, cfg.total_steps))
         out["crash_loadable"] = True
     return out
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 
 import pytest
 
@@ -20,7 +21,7 @@ from nemo_opd.config import (
 )
 from nemo_opd.rollout import SamplingParams
 from nemo_opd.runtime import ParallelConfig
-from nemo_opd.train import learning_rate
+from nemo_opd.train import lr_scheduler
 
 DATA = DataConfig(train_files=("train.jsonl",))
 MODEL = ModelConfig(student="student_dir", teacher="teacher_dir")
@@ -87,11 +88,21 @@ def test_defaults_and_derived_paths():
 
 
 def test_learning_rate_warmup_then_cosine():
-    cfg = OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=4, steps=24)
-    lrs = [learning_rate(s, cfg, 24) for s in range(24)]
+    """megatron's OptimizerParamScheduler, stepped as the trainer steps it: warmup without a
+    step at lr 0, cosine reaching min_lr at the last step; weight decay only where wd_mult=1."""
+    cfg = OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=4, steps=24, weight_decay=0.1)
+    groups = [{"wd_mult": 1.0}, {"wd_mult": 0.0}]
+    scheduler = lr_scheduler(types.SimpleNamespace(param_groups=groups), cfg, 24)
+    lrs = []
+    for step in range(24):
+        scheduler.num_steps = step
+        scheduler.step(1)
+        lrs.append(groups[0]["lr"])
+        assert groups[1]["lr"] == groups[0]["lr"]
+        assert (groups[0]["weight_decay"], groups[1]["weight_decay"]) == (0.1, 0.0)
     assert lrs[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
     for s in range(4, 24):  # independent closed form of the cosine from lr to min_lr
-        progress = (s - 4) / 19
+        progress = (s + 1 - 4) / 20
         expected = 1e-4 + 0.5 * (1e-3 - 1e-4) * (1 + math.cos(math.pi * progress))
         assert lrs[s] == pytest.approx(expected, rel=1e-12)
     assert lrs[-1] == pytest.approx(1e-4)

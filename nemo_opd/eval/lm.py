@@ -144,6 +144,12 @@ class MegatronLM(TemplateLM):
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no eos_token_id; lm-eval needs an end-of-text "
                              "token to stop generation and to prefix empty contexts")
+        if model.pg_collection.pp.size() > 1:
+            raise ValueError(
+                "MegatronLM evaluates a whole model per rank (pipeline_model_parallel_size = 1), "
+                f"got a pipeline stage of {model.pg_collection.pp.size()}; restore the "
+                "checkpoint at PP = 1 (nemo_opd.launch.stages.whole_student_from_checkpoint) "
+                "or evaluate the export")
         group = tp_group if tp_group is not None else model.pg_collection.tp
         self._tp_group = group if dist.get_world_size(group) > 1 else None
         self._tp_rank = dist.get_rank(group) if self._tp_group is not None else 0

@@ -7,6 +7,7 @@ rank 0 only.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -29,6 +30,7 @@ __all__ = [
     "evaluator",
     "reuse_or_evaluate",
     "export_trained_student",
+    "whole_student_from_checkpoint",
     "evaluate_export",
     "write_results",
     "PREEMPTED_EXIT_CODE",
@@ -125,20 +127,46 @@ def evaluator(plan: EvalPlan, tokenizer: Any) -> Evaluate:
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
+def whole_student_from_checkpoint(cfg: RunConfig) -> tuple[torch.nn.Module, Any]:
+    """The run's newest checkpoint restored at TP = PP = 1 on every rank (megatron's dist
+    checkpointing reshards), with the process groups it was built on (collective)."""
+    from nemo_opd.models import build_gpt_model, read_hf_config
+    from nemo_opd.models.checkpoint import load_model_checkpoint
+    from nemo_opd.runtime import ParallelConfig, model_parallel_layout, model_process_groups
+    from nemo_opd.train import latest_checkpoint
+
+    checkpoint = latest_checkpoint(cfg.checkpoint_dir)
+    if checkpoint is None:
+        raise FileNotFoundError(f"no checkpoint in {cfg.checkpoint_dir} to export from")
+    groups = model_process_groups(ParallelConfig())
+    shell = build_gpt_model(read_hf_config(cfg.model.student), ParallelConfig(),
+                            dtype=_DTYPES[cfg.model.student_dtype], pg_collection=groups)
+    with model_parallel_layout(groups):
+        return load_model_checkpoint(shell, checkpoint / "model"), groups
+
+
 def export_trained_student(student: torch.nn.Module, cfg: RunConfig, plan: ExportPlan
                            ) -> list[Path]:
-    """Export the trained student (rank 0 writes); ``[export_dir]``, or ``[]`` when the layout
-    has TP or PP > 1 (the exporter needs whole weights)."""
-    if cfg.model.student_parallel.model_parallel_size > 1:
-        log_rank0(logger, "export skipped: it needs TP = PP = 1 (the student runs at %s)",
-                  cfg.model.student_parallel)
-        return []
+    """Export the trained student (rank 0 writes); ``[export_dir]``.
+
+    ModelOpt's exporter needs whole weights: a student trained with TP or PP > 1 is first
+    restored whole from the run's newest checkpoint (the trainer saves one after its last step),
+    so no rerun is needed."""
     from nemo_opd.quant.export import export_student
+    from nemo_opd.runtime import model_parallel_layout
 
     export_dir = Path(plan.dir or Path(cfg.output_dir) / "export")
+    layout: Any = contextlib.nullcontext()
+    if cfg.model.student_parallel.model_parallel_size > 1:
+        log_rank0(logger, "restoring the %s student at TP = PP = 1 for export",
+                  cfg.model.student_parallel)
+        student, groups = whole_student_from_checkpoint(cfg)
+        layout = model_parallel_layout(groups)
     if is_rank0():
-        result = export_student(student, cfg.model.student, export_dir,
-                                dtype=_DTYPES[plan.dtype], tokenizer_dir=cfg.model.tokenizer_path)
+        with layout:
+            result = export_student(student, cfg.model.student, export_dir,
+                                    dtype=_DTYPES[plan.dtype],
+                                    tokenizer_dir=cfg.model.tokenizer_path)
         logger.info("exported the student to %s", result.export_dir)
     _barrier()
     return [export_dir]

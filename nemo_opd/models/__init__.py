@@ -3,7 +3,9 @@
 from nemo_opd.models.architectures import ARCHITECTURES, ArchitectureTraits
 from nemo_opd.models.hf_import import (
     HFModelConfig,
+    RecomputeConfig,
     build_gpt_model,
+    check_parallel_features,
     check_parallel_fits,
     load_hf_gpt,
     read_hf_config,
@@ -15,6 +17,8 @@ __all__ = [
     "ARCHITECTURES",
     "ArchitectureTraits",
     "HFModelConfig",
+    "RecomputeConfig",
+    "check_parallel_features",
     "build_gpt_model",
     "check_parallel_fits",
     "load_hf_gpt",

@@ -6,8 +6,9 @@ matching ``TransformerConfig`` and fills it with ModelOpt's ``import_mcore_gpt_f
 slices each checkpoint tensor for this rank's TP shard.
 
 On CPU the model uses megatron's local layer spec with every fusion off and
-``use_cpu_initialization=True``; with CUDA and Transformer Engine installed it uses the ModelOpt
-layer spec megatron-core provides for ModelOpt (``get_gpt_modelopt_spec``).
+``use_cpu_initialization=True``; with CUDA and Transformer Engine installed a model to quantize
+(the student) uses the layer spec megatron-core provides for ModelOpt (``get_gpt_modelopt_spec``)
+and a frozen one (the teacher) megatron's full Transformer Engine spec.
 """
 
 from __future__ import annotations
@@ -21,18 +22,24 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from nemo_opd.models.architectures import architecture_traits
-from nemo_opd.runtime import ParallelConfig, tensor_parallel_layout
+from nemo_opd.runtime import ParallelConfig, model_parallel_layout
 
 __all__ = [
     "HFModelConfig",
     "read_hf_config",
+    "RecomputeConfig",
+    "check_parallel_features",
     "check_parallel_fits",
     "transformer_config",
     "build_gpt_model",
@@ -143,10 +150,47 @@ def check_parallel_fits(config: HFModelConfig, parallel: ParallelConfig) -> None
                          + "; ".join(problems))
 
 
+@dataclasses.dataclass(frozen=True)
+class RecomputeConfig:
+    """Activation recompute of a model that trains (megatron-core's three fields)."""
+
+    granularity: str = "none"
+    """"none", "selective" (the attention core) or "full" (whole layers)."""
+    method: str = "uniform"
+    """With "full": "uniform" or "block"."""
+    num_layers: int = 1
+    """With "full": layers per group ("uniform") or recomputed layers per stage ("block")."""
+
+    def megatron_fields(self, layers_per_stage: int) -> dict:
+        """The ``TransformerConfig`` keyword arguments; raises when they cannot apply."""
+        if self.granularity == "none":
+            return {}
+        if self.granularity == "selective":
+            return {"recompute_granularity": "selective"}
+        if self.num_layers > layers_per_stage:
+            raise ValueError(f"recompute_num_layers = {self.num_layers} exceeds the "
+                             f"{layers_per_stage} layers of each pipeline stage")
+        return {"recompute_granularity": "full", "recompute_method": self.method,
+                "recompute_num_layers": self.num_layers}
+
+
+def check_parallel_features(parallel: ParallelConfig) -> None:
+    """Raise ``ValueError`` when ``parallel`` asks for a feature this machine cannot run."""
+    if parallel.sequence_parallel and not torch.cuda.is_available():
+        raise ValueError("ParallelConfig.sequence_parallel = True needs CUDA: megatron-core's "
+                         "sequence-parallel layers use fused CUDA kernels (apex / Transformer "
+                         "Engine); set sequence_parallel=false on CPU")
+
+
 def transformer_config(config: HFModelConfig, parallel: ParallelConfig,
-                       dtype: torch.dtype = torch.float32) -> TransformerConfig:
-    """The megatron ``TransformerConfig`` equivalent of ``config`` at ``parallel``/``dtype``."""
+                       dtype: torch.dtype = torch.float32,
+                       recompute: RecomputeConfig | None = None) -> TransformerConfig:
+    """The megatron ``TransformerConfig`` equivalent of ``config`` at ``parallel``/``dtype``,
+    with ``recompute`` for a model that trains."""
     check_parallel_fits(config, parallel)
+    check_parallel_features(parallel)
+    recompute_fields = (recompute or RecomputeConfig()).megatron_fields(
+        config.num_layers // parallel.pipeline_model_parallel_size)
     on_gpu = torch.cuda.is_available()
     return TransformerConfig(
         num_layers=config.num_layers,
@@ -166,6 +210,9 @@ def transformer_config(config: HFModelConfig, parallel: ParallelConfig,
         attention_dropout=0.0,
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        sequence_parallel=parallel.sequence_parallel,
+        # Activations travel between pipeline stages in the parameters' dtype.
+        pipeline_dtype=dtype if parallel.pipeline_model_parallel_size > 1 else None,
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
@@ -181,33 +228,53 @@ def transformer_config(config: HFModelConfig, parallel: ParallelConfig,
             apply_rope_fusion=False,
             persist_layer_norm=False,
         )),
+        **recompute_fields,
     )
 
 
-def _layer_spec(config: TransformerConfig) -> ModuleSpec:
-    # The ModelOpt (Transformer Engine) spec imports without TE and fails only when a layer is
-    # built (seen on an H100 without TE), so ask for TE itself. The local spec runs on GPU too.
+def _layer_spec(config: TransformerConfig, quantizable: bool) -> ModuleSpec:
+    """Local spec on CPU. With CUDA and Transformer Engine: ModelOpt's TE-compatible spec for a
+    model ModelOpt will quantize (plain linears it can swap), megatron's full TE spec (fused
+    norm + linear) for one it will not (a frozen teacher). Without TE the local spec runs on
+    GPU too: the ModelOpt spec imports without TE and fails only when a layer is built (seen on
+    an H100 without TE), so TE itself is what is asked for."""
     if torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None:
+        if not quantizable:
+            return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
         from megatron.core.post_training.modelopt.gpt.model_specs import get_gpt_modelopt_spec
 
         return get_gpt_modelopt_spec(config, remap_te_layernorm=True)
     return get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization="RMSNorm")
 
 
+def _pipeline_stage(pg_collection: ProcessGroupCollection | None) -> tuple[bool, bool]:
+    """``(first stage, last stage)`` of this rank in the model's pipeline."""
+    if pg_collection is None:
+        return (parallel_state.is_pipeline_first_stage(ignore_virtual=True),
+                parallel_state.is_pipeline_last_stage(ignore_virtual=True))
+    rank, size = pg_collection.pp.rank(), pg_collection.pp.size()
+    return rank == 0, rank == size - 1
+
+
 def build_gpt_model(config: HFModelConfig, parallel: ParallelConfig | None = None, *,
                     dtype: torch.dtype = torch.float32,
-                    pg_collection: ProcessGroupCollection | None = None) -> GPTModel:
+                    pg_collection: ProcessGroupCollection | None = None,
+                    recompute: RecomputeConfig | None = None,
+                    quantizable: bool = True) -> GPTModel:
     """A randomly initialised ``GPTModel`` shaped like ``config`` (vocab-parallel logits).
 
     ``pg_collection`` gives the model its own process groups (a teacher whose layout differs from
     the global one, see :func:`nemo_opd.runtime.model_process_groups`); ``parallel`` must then
-    describe that layout.
+    describe that layout. With pipeline parallelism this rank builds its own stage: the
+    embedding on the first, the output layer (logits) on the last. ``quantizable=False``
+    (a model ModelOpt will not touch) picks megatron's full Transformer Engine spec on GPU.
     """
     parallel = parallel or ParallelConfig()
-    tconfig = transformer_config(config, parallel, dtype)
+    tconfig = transformer_config(config, parallel, dtype, recompute)
+    pre_process, post_process = _pipeline_stage(pg_collection)
     model = GPTModel(
         config=tconfig,
-        transformer_layer_spec=_layer_spec(tconfig),
+        transformer_layer_spec=_layer_spec(tconfig, quantizable),
         vocab_size=config.vocab_size,
         max_sequence_length=config.max_position_embeddings,
         parallel_output=True,
@@ -216,6 +283,8 @@ def build_gpt_model(config: HFModelConfig, parallel: ParallelConfig | None = Non
         rotary_base=int(config.rope_theta),
         rope_scaling=config.rope_scaling_factor is not None,
         rope_scaling_factor=config.rope_scaling_factor or 8.0,
+        pre_process=pre_process,
+        post_process=post_process,
         pg_collection=pg_collection,
     )
     if torch.cuda.is_available():
@@ -225,7 +294,9 @@ def build_gpt_model(config: HFModelConfig, parallel: ParallelConfig | None = Non
 
 def load_hf_gpt(model_dir: str | Path, parallel: ParallelConfig | None = None, *,
                 dtype: torch.dtype = torch.float32,
-                pg_collection: ProcessGroupCollection | None = None) -> GPTModel:
+                pg_collection: ProcessGroupCollection | None = None,
+                recompute: RecomputeConfig | None = None,
+                quantizable: bool = True) -> GPTModel:
     """Build a ``GPTModel`` and load the HF checkpoint in ``model_dir`` into it (this rank's shard).
 
     Raises ``FileNotFoundError``/``ValueError`` for a missing ``config.json``, an unsupported
@@ -234,8 +305,9 @@ def load_hf_gpt(model_dir: str | Path, parallel: ParallelConfig | None = None, *
     from modelopt.torch.export import import_mcore_gpt_from_hf
 
     config = read_hf_config(model_dir)
-    model = build_gpt_model(config, parallel, dtype=dtype, pg_collection=pg_collection)
-    layout = (tensor_parallel_layout(pg_collection.tp) if pg_collection is not None
+    model = build_gpt_model(config, parallel, dtype=dtype, pg_collection=pg_collection,
+                            recompute=recompute, quantizable=quantizable)
+    layout = (model_parallel_layout(pg_collection) if pg_collection is not None
               else contextlib.nullcontext())
     with layout:
         import_mcore_gpt_from_hf(model, str(model_dir), dtype=dtype)

@@ -6,11 +6,11 @@ from nemo_opd.runtime.distributed import (
     distributed_runtime,
     initialize_runtime,
     is_rank0,
+    model_parallel_layout,
     model_process_groups,
     runtime_device,
     seed_all,
     teardown_runtime,
-    tensor_parallel_layout,
 )
 
 __all__ = [
@@ -23,5 +23,5 @@ __all__ = [
     "runtime_device",
     "seed_all",
     "teardown_runtime",
-    "tensor_parallel_layout",
+    "model_parallel_layout",
 ]

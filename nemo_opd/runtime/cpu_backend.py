@@ -25,6 +25,11 @@ On a GPU machine nothing here runs.
    ``_modelopt_get_extra_state`` (every quantized module's checkpoint state), so saving a
    quantized model fails on a CPU-only torch. Without CUDA there is nothing to synchronise: it
    becomes a no-op.
+5. **Pipeline schedules.** megatron's ``forward_backward_pipelining_without_interleaving``
+   creates its token counter with ``torch.zeros(..., device="cuda")``. :func:`cpu_device_scope`
+   (entered around each schedule call by :mod:`nemo_opd.models.pipeline`) is a torch function
+   mode that creates tensors asked for on ``"cuda"`` on the CPU instead; outside it nothing
+   changes, and with CUDA it is a no-op.
 """
 
 from __future__ import annotations
@@ -36,11 +41,13 @@ from collections.abc import Iterator
 import torch
 from megatron.core.fusions import fused_softmax
 from megatron.core.tensor_parallel import random as mcore_random
+from torch.overrides import TorchFunctionMode
 
 __all__ = [
     "CpuRNGStatesTracker",
     "apply_cpu_accommodations",
     "cpu_accommodations_applied",
+    "cpu_device_scope",
     "install_cpu_rng_tracker",
 ]
 
@@ -124,3 +131,20 @@ def apply_cpu_accommodations() -> None:
 def cpu_accommodations_applied() -> bool:
     """Whether :func:`apply_cpu_accommodations` has patched this process."""
     return _APPLIED
+
+
+class _CudaFactoriesOnCpu(TorchFunctionMode):
+    """Every torch call with ``device="cuda"`` (or a CUDA ``torch.device``) runs on the CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch's
+        kwargs = kwargs or {}
+        device = kwargs.get("device")
+        if isinstance(device, (str, torch.device)) and torch.device(device).type == "cuda":
+            kwargs = {**kwargs, "device": "cpu"}
+        return func(*args, **kwargs)
+
+
+def cpu_device_scope() -> contextlib.AbstractContextManager:
+    """Accommodation 5: CUDA-device tensor factories land on the CPU inside the block (a no-op
+    unless the CPU accommodations are applied)."""
+    return _CudaFactoriesOnCpu() if _APPLIED else contextlib.nullcontext()

@@ -10,7 +10,7 @@ A second model with another tensor-parallel size in the same job (a teacher at T
 TP=2 student, say) gets its own :class:`~megatron.core.process_groups_config.ProcessGroupCollection`
 from :func:`model_process_groups`; megatron-core's modules take it as ``pg_collection``. Code
 that reads megatron's *global* TP rank (ModelOpt's HF importer) runs inside
-:func:`tensor_parallel_layout`.
+:func:`model_parallel_layout`.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ __all__ = [
     "runtime_device",
     "is_rank0",
     "model_process_groups",
-    "tensor_parallel_layout",
+    "model_parallel_layout",
 ]
 
 logger = logging.getLogger(__name__)
@@ -254,19 +254,26 @@ def model_process_groups(parallel: ParallelConfig) -> ProcessGroupCollection:
 
 
 @contextlib.contextmanager
-def tensor_parallel_layout(tp_group: dist.ProcessGroup) -> Iterator[None]:
-    """Make megatron's global TP rank/size read as ``tp_group``'s inside the block.
+def model_parallel_layout(groups: ProcessGroupCollection) -> Iterator[None]:
+    """Make megatron's global TP and PP rank/size read as ``groups``' inside the block.
 
-    For library code that reads ``parallel_state.get_tensor_model_parallel_rank()`` instead of
-    taking a group (ModelOpt's HF importer slices checkpoint tensors with it). Uses megatron's own
-    override setters and restores the previous overrides on exit.
+    For library code that reads ``parallel_state.get_tensor_model_parallel_rank()`` (ModelOpt's
+    HF importer slices checkpoint tensors with it) or the pipeline rank (ModelOpt's exporter)
+    instead of taking a group. Uses megatron's own override setters and restores the previous
+    overrides on exit.
     """
     previous = (parallel_state._MPU_TENSOR_MODEL_PARALLEL_RANK,
-                parallel_state._MPU_TENSOR_MODEL_PARALLEL_WORLD_SIZE)
-    parallel_state.set_tensor_model_parallel_rank(dist.get_rank(tp_group))
-    parallel_state.set_tensor_model_parallel_world_size(dist.get_world_size(tp_group))
+                parallel_state._MPU_TENSOR_MODEL_PARALLEL_WORLD_SIZE,
+                parallel_state._MPU_PIPELINE_MODEL_PARALLEL_RANK,
+                parallel_state._MPU_PIPELINE_MODEL_PARALLEL_WORLD_SIZE)
+    parallel_state.set_tensor_model_parallel_rank(dist.get_rank(groups.tp))
+    parallel_state.set_tensor_model_parallel_world_size(dist.get_world_size(groups.tp))
+    parallel_state.set_pipeline_model_parallel_rank(dist.get_rank(groups.pp))
+    parallel_state.set_pipeline_model_parallel_world_size(dist.get_world_size(groups.pp))
     try:
         yield
     finally:
         parallel_state.set_tensor_model_parallel_rank(previous[0])
         parallel_state.set_tensor_model_parallel_world_size(previous[1])
+        parallel_state.set_pipeline_model_parallel_rank(previous[2])
+        parallel_state.set_pipeline_model_parallel_world_size(previous[3])

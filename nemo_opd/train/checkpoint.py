@@ -3,7 +3,7 @@
 Layout of one checkpoint, ``<root>/step_<N>/`` (``N`` = optimizer steps done)::
 
     model/            weights + ModelOpt quantizer state (nemo_opd.models.checkpoint)
-    optimizer/        AdamW moments, sharded like their parameters (megatron ShardedTensors)
+    optimizer/        fp32 master weights and AdamW moments, sharded like their parameters
     trainer/rank_<r>.pt   this rank's RNG states, data position, replay buffer, counters
     meta.json         step, world size, layouts; written last
 
@@ -21,6 +21,7 @@ import logging
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +32,7 @@ from megatron.core import dist_checkpointing
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
 from nemo_opd.models.checkpoint import load_model_checkpoint, save_model_checkpoint
-from nemo_opd.train.optim import (
-    init_optimizer_state,
-    optimizer_sharded_state,
-)
+from nemo_opd.train.optim import StudentOptimizer
 
 __all__ = ["CHECKPOINT_PREFIX", "save_checkpoint", "load_checkpoint", "latest_checkpoint",
            "rng_state", "set_rng_state"]
@@ -85,7 +83,7 @@ def latest_checkpoint(root: str | Path) -> Path | None:
 
 
 def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer, trainer_state: dict[str, Any],
+                    optimizer: StudentOptimizer, trainer_state: dict[str, Any],
                     meta: dict[str, Any], *, keep_last: int) -> Path:
     """Write checkpoint ``step`` atomically (collective: every rank calls it); return its path.
 
@@ -101,7 +99,7 @@ def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module,
             (tmp / sub).mkdir(parents=True)
     _barrier()
     save_model_checkpoint(model, tmp / "model")
-    dist_checkpointing.save(optimizer_sharded_state(model, optimizer), str(tmp / "optimizer"))
+    dist_checkpointing.save(optimizer.sharded_state_dict(model), str(tmp / "optimizer"))
     torch.save(trainer_state, tmp / "trainer" / f"rank_{_rank():05d}.pt")
     _barrier()
     if _rank() == 0:
@@ -119,14 +117,13 @@ def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module,
 
 
 def load_checkpoint(path: str | Path, model: torch.nn.Module,
-                    build_optimizer) -> tuple[torch.nn.Module, torch.optim.Optimizer,
-                                              dict[str, Any], dict[str, Any]]:
+                    build_optimizer: Callable[[torch.nn.Module], StudentOptimizer]
+                    ) -> tuple[torch.nn.Module, StudentOptimizer, dict[str, Any], dict[str, Any]]:
     """Load checkpoint ``path`` into a freshly built, *unquantized* ``model``.
 
     ``build_optimizer(model)`` makes the optimizer once the model (with its quantizers) is
     restored. Returns ``(model, optimizer, this rank's trainer_state, meta)``; the caller restores
-    RNG and data state from ``trainer_state`` (the optimizer's step counts are set from
-    ``meta["step"]``).
+    RNG and data state from ``trainer_state``.
     """
     path = Path(path)
     meta_file = path / "meta.json"
@@ -139,12 +136,8 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module,
                          f"{world}: per-rank RNG and data state cannot be mapped")
     model = load_model_checkpoint(model, path / "model")
     optimizer = build_optimizer(model)
-    init_optimizer_state(optimizer)
-    loaded = dist_checkpointing.load(optimizer_sharded_state(model, optimizer),
-                                     str(path / "optimizer"))
-    for param_state in loaded["state"].values():  # AdamW's step counts were not saved
-        param_state["step"] = torch.tensor(float(meta["step"]), dtype=torch.float32)
-    optimizer.load_state_dict(loaded)
+    optimizer.load_state_dict(dist_checkpointing.load(
+        optimizer.sharded_state_dict(model, is_loading=True), str(path / "optimizer")))
     trainer_state = torch.load(path / "trainer" / f"rank_{_rank():05d}.pt", weights_only=False)
     logger.info("resumed from %s (step %d)", path, meta["step"])
     return model, optimizer, trainer_state, meta

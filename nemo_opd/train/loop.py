@@ -4,7 +4,8 @@ One optimizer step::
 
     lr(step) → for each micro batch: plan (strategy) → sequences (dataset / rollouts / replay)
              → score_batch (teacher no-grad, student fwd+bwd)
-    → reduce grads (TP-partial sums, DP mean) → global grad norm → clip → AdamW
+    → finalize grads (megatron DDP: fp32 buffers, DP mean, TP-partial sums) → global grad norm
+    → stop if non-finite → clip → AdamW on fp32 masters (nemo_opd.train.optim)
     → metrics → checkpoint (every N steps, atomically) → evaluation hook (every N steps)
 
 Preemption: with ``should_stop`` (e.g. a :class:`~nemo_opd.train.preemption.PreemptionFlag`)
@@ -42,15 +43,7 @@ from nemo_opd.strategies import PlanPart, Strategy, TeacherContext, build_strate
 from nemo_opd.train import checkpoint as ckpt
 from nemo_opd.train import setup
 from nemo_opd.train.metrics import MetricsLogger
-from nemo_opd.train.optim import (
-    build_optimizer,
-    clip_gradients,
-    data_parallel_group,
-    global_grad_norm,
-    learning_rate,
-    reduce_gradients,
-    set_learning_rate,
-)
+from nemo_opd.train.optim import build_optimizer, data_parallel_group
 from nemo_opd.train.step import (
     NonFiniteLossError,
     ScoreResult,
@@ -139,9 +132,9 @@ class Trainer:
         self.start_step = 0
         self.last_checkpoint = ckpt.latest_checkpoint(cfg.checkpoint_dir)
         if cfg.checkpoint.resume and self.last_checkpoint is not None:
-            student, self.optimizer, state, meta = ckpt.load_checkpoint(
+            student, self.optim, state, meta = ckpt.load_checkpoint(
                 self.last_checkpoint, setup.build_fresh_student_shell(cfg),
-                lambda m: build_optimizer(m, cfg.optim))
+                lambda m: build_optimizer(m, cfg.optim, self.total_steps))
             _check_resumable(cfg, meta, self.last_checkpoint)
             self.start_step = int(state["step"])
             self.batches.load_state_dict(state["data"])
@@ -150,7 +143,7 @@ class Trainer:
             ckpt.set_rng_state(state["rng"])
         else:
             student = setup.build_student(cfg, calibration)
-            self.optimizer = build_optimizer(student, cfg.optim)
+            self.optim = build_optimizer(student, cfg.optim, self.total_steps)
         student.train()
         context = (tuple(self.encoder.text_ids(cfg.distill.teacher_context))
                    if cfg.distill.teacher_context else ())
@@ -229,36 +222,40 @@ class Trainer:
     def train_step(self, step: int) -> dict[str, Any]:
         """Run optimizer step ``step`` (0-based); return its metrics."""
         cfg, accumulation = self.cfg, self.cfg.optim.grad_accumulation
-        lr = learning_rate(step, cfg.optim, self.total_steps)
-        set_learning_rate(self.optimizer, lr)
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optim.begin_step(step)
+        lr, grad_scale = self.optim.lr, self.optim.loss_scale()
         started = time.perf_counter()
         self._rollout_stats = []
         results: list[tuple[PlanPart, ScoreResult]] = []
         sources: list[str] = []
-        for micro in range(accumulation):
-            plan = self.strategy.plan(step, micro)
+        plans = [self.strategy.plan(step, micro) for micro in range(accumulation)]
+        last = (accumulation - 1, len(plans[-1].parts) - 1)
+        for micro, plan in enumerate(plans):
             examples = self.batches.next_batch()
-            for part in plan.parts:
+            for index, part in enumerate(plan.parts):
                 batch = self._sequences(examples, part, step, micro)
                 sources.append(batch.source)
                 try:
-                    result = score_batch(self.models, batch, cfg.distill,
-                                         loss_scale=part.weight / accumulation,
-                                         anchor_weight=plan.anchor_weight, cache=self.cache)
+                    # Only the last backward of the step may start the DP gradient reduction.
+                    with self.optim.grad_sync((micro, index) == last):
+                        result = score_batch(self.models, batch, cfg.distill,
+                                             loss_scale=part.weight / accumulation * grad_scale,
+                                             anchor_weight=plan.anchor_weight, cache=self.cache)
                 except NonFiniteLossError as err:
                     raise self._nonfinite(step, f"{err} (micro batch {micro})") from None
                 results.append((part, result))
         optim_started = time.perf_counter()
-        reduce_gradients(self.models.student, tp_group=self.student_tp_group,
-                         dp_group=self.dp_group)
-        grad_norm = global_grad_norm(self.models.student, tp_group=self.student_tp_group)
-        try:
-            stop_if_nonfinite(grad_norm, "gradient norm")
-        except NonFiniteLossError as err:
-            raise self._nonfinite(step, str(err)) from None
-        clip_gradients(self.models.student, cfg.optim.grad_clip, grad_norm)
-        self.optimizer.step()
+        grad_norm = self.optim.finish_gradients()
+        if grad_norm is None:  # fp16 overflow: megatron's rule is to skip the step
+            logger.warning("step %d: fp16 gradient overflow, step skipped; loss scale now %g",
+                           step, self.optim.loss_scale())
+            grad_norm = math.nan
+        else:
+            try:
+                stop_if_nonfinite(grad_norm, "gradient norm")
+            except NonFiniteLossError as err:
+                raise self._nonfinite(step, str(err)) from None
+            self.optim.apply()
         optim_seconds = time.perf_counter() - optim_started
         return self._step_metrics(results, sources, lr, grad_norm, optim_seconds,
                                   time.perf_counter() - started)
@@ -329,7 +326,7 @@ class Trainer:
         meta = {"world_size": dist.get_world_size(), "total_steps": self.total_steps,
                 "config": self.cfg.to_dict()}
         self.last_checkpoint = ckpt.save_checkpoint(
-            self.cfg.checkpoint_dir, steps_done, self.models.student, self.optimizer, state,
+            self.cfg.checkpoint_dir, steps_done, self.models.student, self.optim, state,
             meta, keep_last=self.cfg.checkpoint.keep_last)
         return self.last_checkpoint
 

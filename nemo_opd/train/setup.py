@@ -24,9 +24,9 @@ from nemo_opd.data import (
     encode_records,
     load_records,
 )
-from nemo_opd.models import build_gpt_model, load_hf_gpt, read_hf_config
+from nemo_opd.models import RecomputeConfig, build_gpt_model, load_hf_gpt, read_hf_config
+from nemo_opd.models.pipeline import forward_logits
 from nemo_opd.runtime import model_process_groups
-from nemo_opd.train.step import model_logits
 
 __all__ = ["check_teacher_student_agreement", "load_tokenizer", "load_examples",
            "build_student", "build_fresh_student_shell", "build_teacher", "teacher_groups"]
@@ -102,7 +102,8 @@ def build_teacher(cfg: RunConfig, pg_collection: ProcessGroupCollection | None
     """The frozen teacher: the teacher directory, or the student's original weights."""
     path = cfg.model.student if cfg.model.self_distillation else cfg.model.teacher
     teacher = load_hf_gpt(path, cfg.model.teacher_parallel,
-                          dtype=_DTYPES[cfg.model.teacher_dtype], pg_collection=pg_collection)
+                          dtype=_DTYPES[cfg.model.teacher_dtype], pg_collection=pg_collection,
+                          quantizable=False)
     teacher.eval()
     teacher.requires_grad_(False)  # never holds gradients or optimizer state
     return teacher
@@ -125,6 +126,12 @@ def calibration_batches(cfg: RunConfig, examples: list[Example], pad_id: int
     return out
 
 
+def student_recompute(cfg: RunConfig) -> RecomputeConfig:
+    """The student's activation recompute (the teacher never trains: it has none)."""
+    return RecomputeConfig(cfg.model.recompute_granularity, cfg.model.recompute_method,
+                           cfg.model.recompute_num_layers)
+
+
 def build_student(cfg: RunConfig, calibration: list[torch.Tensor]) -> torch.nn.Module:
     """The student from its HF weights, quantized and calibrated (QAT-ready), with LoRA
     adapters on the frozen quantized base when ``quant.lora``."""
@@ -132,13 +139,13 @@ def build_student(cfg: RunConfig, calibration: list[torch.Tensor]) -> torch.nn.M
     from nemo_opd.quant.student import quantize_student
 
     student = load_hf_gpt(cfg.model.student, cfg.model.student_parallel,
-                          dtype=_DTYPES[cfg.model.student_dtype])
+                          dtype=_DTYPES[cfg.model.student_dtype], recompute=student_recompute(cfg))
     if cfg.quant.format != "none":
         def forward_loop(model: torch.nn.Module) -> None:
             device = next(model.parameters()).device
             with torch.no_grad():
                 for tokens in calibration:
-                    model_logits(model, tokens.to(device))
+                    forward_logits(model, tokens.to(device))
 
         quantize_student(student, cfg.quant.format, forward_loop if calibration else None)
     if cfg.quant.lora:
@@ -149,4 +156,5 @@ def build_student(cfg: RunConfig, calibration: list[torch.Tensor]) -> torch.nn.M
 def build_fresh_student_shell(cfg: RunConfig) -> torch.nn.Module:
     """An unquantized, randomly initialised student to load a checkpoint into."""
     return build_gpt_model(read_hf_config(cfg.model.student), cfg.model.student_parallel,
-                           dtype=_DTYPES[cfg.model.student_dtype])
+                           dtype=_DTYPES[cfg.model.student_dtype],
+                           recompute=student_recompute(cfg))

@@ -44,10 +44,11 @@ from nemo_opd.loss import (
     topk_generalized_jsd,
     vocab_parallel_logprobs,
 )
+from nemo_opd.models.pipeline import forward_backward, forward_logits, last_stage_rank
 from nemo_opd.strategies import TeacherContext
 
 __all__ = ["ScoringModels", "ScoreResult", "NonFiniteLossError", "TeacherTopKCache", "score_batch",
-           "model_logits", "stop_if_nonfinite"]
+           "stop_if_nonfinite"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -87,13 +88,6 @@ class ScoreResult:
     teacher_seconds: float
     student_seconds: float
     teacher_cache_hit: bool = False
-
-
-def model_logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """``[B, T, V/tp]`` logits of a megatron ``GPTModel`` for right-padded ``tokens [B, T]``
-    (causal attention: padding after a row's end cannot change its earlier positions)."""
-    positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
-    return model(tokens, positions, attention_mask=None)
 
 
 class TeacherTopKCache:
@@ -142,11 +136,12 @@ class TeacherTopKCache:
             os.replace(tmp, path)
 
 
-def _teacher_forward(models: ScoringModels, tokens: torch.Tensor) -> torch.Tensor:
-    """Teacher logits aligned to the student's prediction positions: ``[B, T-1, V/tp_t]``."""
+def _teacher_forward(models: ScoringModels, tokens: torch.Tensor) -> torch.Tensor | None:
+    """Teacher logits aligned to the student's prediction positions: ``[B, T-1, V/tp_t]`` on
+    the teacher's last pipeline stage, None on its other stages."""
     context = models.teacher_context
-    logits = model_logits(models.teacher, context.inputs(tokens))
-    return context.align(logits, tokens.shape[1])[:, :-1]
+    logits = forward_logits(models.teacher, context.inputs(tokens))
+    return None if logits is None else context.align(logits, tokens.shape[1])[:, :-1]
 
 
 def _gather_rows(x: torch.Tensor, group: dist.ProcessGroup, fill: float | int = 0
@@ -186,6 +181,8 @@ def _teacher_side(models: ScoringModels, tokens: torch.Tensor, mask: torch.Tenso
         mask = _gather_rows(mask, group, False)
     t_group = models.teacher_tp_group
     t_logits = _teacher_forward(models, tokens)
+    if t_logits is None:  # not the last pipeline stage: the loss is computed elsewhere
+        return None, None, None, math.nan
     targets = tokens[:, 1:]
     n = own.shape[1] - 1  # this rank's prediction positions
 
@@ -212,8 +209,10 @@ def score_batch(models: ScoringModels, batch: SequenceBatch, cfg: DistillConfig,
                 cache: TeacherTopKCache | None = None) -> ScoreResult:
     """Score ``batch``, backpropagate ``loss · loss_scale`` into the student, return metrics.
 
-    Raises :class:`NonFiniteLossError` (on every rank alike) before backward when the loss is
-    NaN/inf, so no bad gradient reaches the parameters.
+    With pipeline parallelism the teacher's and student's logits exist on the last stage only:
+    the loss is computed there inside megatron's schedule, and its metrics are broadcast to the
+    other stages. Raises :class:`NonFiniteLossError` (on every rank alike) when the loss is
+    NaN/inf; the gradients of that batch are then never applied.
     """
     # Batches are built on the host; the models may live on a GPU.
     device = next(models.student.parameters()).device
@@ -228,49 +227,69 @@ def score_batch(models: ScoringModels, batch: SequenceBatch, cfg: DistillConfig,
     with torch.no_grad():
         if cached is None:
             t_logits, top, teacher_lp, teacher_nll = _teacher_side(models, tokens, mask, cfg)
-            if cache is not None and batch.source == "dataset":
+            if cache is not None and batch.source == "dataset" and top is not None:
                 cache.store(batch, top)
         else:
             top = cached
-        anchor_logits = (model_logits(models.anchor, tokens)[:, :-1]
+        anchor_logits = (forward_logits(models.anchor, tokens)
                          if anchor_weight > 0 and models.anchor is not None else None)
     teacher_seconds = time.perf_counter() - started
+    common = dict(temperature=cfg.temperature, mask=mask, tp_group=s_group)
+
+    def loss_fn(logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        s_logits = logits[:, :-1]
+        if cfg.loss == "full":
+            loss = generalized_jsd(s_logits, t_logits, beta=cfg.beta, continuous=cfg.continuous,
+                                   **common)
+        elif cfg.loss == "topk":
+            loss = topk_generalized_jsd(s_logits, top, beta=cfg.beta, continuous=cfg.continuous,
+                                        **common)
+        else:
+            behaviour = (batch.rollout_logprobs[:, 1:].to(device) if batch.source == "replay"
+                         else None)
+            loss = sampled_token_reverse_kl(s_logits, targets, teacher_lp, behaviour,
+                                            clip_ratio=cfg.clip_ratio or None, **common).loss
+        total, anchor_kl = loss, 0.0
+        if anchor_logits is not None:
+            anchor = generalized_jsd(s_logits, anchor_logits[:, :-1], beta=1.0, mask=mask,
+                                     tp_group=s_group)
+            anchor_kl = float(anchor.detach())
+            total = loss + anchor_weight * anchor
+        with torch.no_grad():
+            detached = s_logits.detach()
+            if t_logits is not None:
+                fkl, rkl = (generalized_jsd(detached, t_logits, beta=b, **common)
+                            for b in (0.0, 1.0))
+            else:
+                fkl, rkl = (topk_generalized_jsd(detached, top, beta=b, **common)
+                            for b in (0.0, 1.0))
+        metrics = {"loss": float(loss.detach()), "total": float(total.detach()),
+                   "forward_kl": float(fkl), "reverse_kl": float(rkl), "anchor_kl": anchor_kl,
+                   "teacher_nll": teacher_nll}
+        return total * loss_scale, metrics
 
     started = time.perf_counter()
-    s_logits = model_logits(models.student, tokens)[:, :-1]
-    common = dict(temperature=cfg.temperature, mask=mask, tp_group=s_group)
-    if cfg.loss == "full":
-        loss = generalized_jsd(s_logits, t_logits, beta=cfg.beta, continuous=cfg.continuous,
-                               **common)
-    elif cfg.loss == "topk":
-        loss = topk_generalized_jsd(s_logits, top, beta=cfg.beta, continuous=cfg.continuous,
-                                    **common)
-    else:
-        behaviour = (batch.rollout_logprobs[:, 1:].to(device) if batch.source == "replay"
-                     else None)
-        loss = sampled_token_reverse_kl(s_logits, targets, teacher_lp, behaviour,
-                                        clip_ratio=cfg.clip_ratio or None, **common).loss
-    anchor_kl = 0.0
-    total = loss
-    if anchor_logits is not None:
-        anchor = generalized_jsd(s_logits, anchor_logits, beta=1.0, mask=mask, tp_group=s_group)
-        anchor_kl = float(anchor.detach())
-        total = loss + anchor_weight * anchor
-    stop_if_nonfinite(float(total.detach()), f"{batch.source} batch loss")
-    (total * loss_scale).backward()
+    metrics = _from_last_stage(models.student, forward_backward(models.student, tokens, loss_fn))
     student_seconds = time.perf_counter() - started
+    stop_if_nonfinite(metrics["total"], f"{batch.source} batch loss")
+    return ScoreResult(metrics["loss"], metrics["forward_kl"], metrics["reverse_kl"],
+                       metrics["teacher_nll"], metrics["anchor_kl"], int(mask.sum()),
+                       teacher_seconds, student_seconds, teacher_cache_hit=cached is not None)
 
-    with torch.no_grad():
-        detached = s_logits.detach()
-        if t_logits is not None:
-            fkl, rkl = (generalized_jsd(detached, t_logits, beta=b, **common)
-                        for b in (0.0, 1.0))
-        else:
-            fkl, rkl = (topk_generalized_jsd(detached, top, beta=b, **common)
-                        for b in (0.0, 1.0))
-    return ScoreResult(float(loss.detach()), float(fkl), float(rkl), teacher_nll, anchor_kl,
-                       int(mask.sum()), teacher_seconds, student_seconds,
-                       teacher_cache_hit=cached is not None)
+
+_METRICS = ("loss", "total", "forward_kl", "reverse_kl", "anchor_kl", "teacher_nll")
+
+
+def _from_last_stage(model: torch.nn.Module, metrics: dict[str, float] | None
+                     ) -> dict[str, float]:
+    """The last pipeline stage's ``metrics`` on every stage (as-is at PP=1)."""
+    group = model.pg_collection.pp
+    if group.size() == 1:
+        return metrics
+    values = torch.tensor([metrics[k] for k in _METRICS] if metrics is not None
+                          else [0.0] * len(_METRICS), dtype=torch.float64)
+    dist.broadcast(values, src=last_stage_rank(model), group=group)
+    return dict(zip(_METRICS, values.tolist(), strict=True))
 
 
 def stop_if_nonfinite(value: float, what: str) -> None:
