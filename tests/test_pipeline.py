@@ -4,16 +4,21 @@
   loss on the last stage inside megatron's 1F1B schedule, backward through both stages), with
   the teacher scoring through its own PP=2 pipeline; top-k loss from a teacher at TP=2 × PP=2
   against a TP=1 × PP=2 student on 4 ranks equals the same at PP=1;
-* a PP=2 run stopped and resumed from its checkpoint reproduces the uninterrupted losses;
+* a PP=2 run stopped and resumed from its checkpoint reproduces the uninterrupted losses, and
+  its export (restored whole from the checkpoint, no rerun) equals a single-process export;
 * bad layouts (PP not dividing the layers, rollouts at PP>1, teacher PP ≠ student PP,
   sequence parallel on CPU) are refused before any weight loads.
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
+import functools
 import json
 
 import pytest
+import torch
 from multirank import run_ranks
 
 from nemo_opd.config import (
@@ -84,7 +89,32 @@ def _pp_body(dirs: dict[str, str], train_file: str, root: str, pp: int) -> dict:
         first = run_distillation(resume, stop_after=2)
         second = run_distillation(resume)
         out["resumed"] = _history(first) + _history(second)
+        # Export straight from the PP=2 run: restored whole from its checkpoint.
+        from nemo_opd.launch.plans import ExportPlan
+        from nemo_opd.launch.stages import export_trained_student
+        from nemo_opd.runtime import distributed_runtime
+
+        with distributed_runtime(resume.model.student_parallel, seed=7):
+            export_trained_student(None, resume, ExportPlan(dir=f"{root}/export_pp2"))
     return out
+
+
+def _export_at_tp1(cfg: RunConfig, export_dir: str) -> None:
+    """The reference: the same checkpoint restored and exported in a world of one."""
+    from nemo_opd.launch.plans import ExportPlan
+    from nemo_opd.launch.stages import export_trained_student, whole_student_from_checkpoint
+    from nemo_opd.runtime import distributed_runtime
+
+    whole_cfg = _config_like(cfg)
+    with distributed_runtime(ParallelConfig(), seed=7):
+        student, _ = whole_student_from_checkpoint(whole_cfg)
+        export_trained_student(student, whole_cfg, ExportPlan(dir=export_dir))
+
+
+def _config_like(cfg: RunConfig) -> RunConfig:
+    model = dataclasses.replace(cfg.model, student_parallel=ParallelConfig(),
+                                teacher_parallel=ParallelConfig())
+    return dataclasses.replace(cfg, model=model)
 
 
 @pytest.mark.multirank
@@ -103,6 +133,23 @@ def test_pp2_equals_pp1_and_resumes(tiny_model_dirs, train_file, tmp_path):
     losses = [h[0] for h in pp2[0]["full"]]
     assert losses[-1] < losses[0]
     assert pp2[0]["resumed"] == pp2[0]["full"]  # exact resume at PP=2
+    # The export of the PP=2 run equals one made from its checkpoint in a single process.
+    resume = _config(tiny_model_dirs, train_file, f"{tmp_path}/resume", pp=2)
+    _export_at_tp1(resume, f"{tmp_path}/export_tp1")
+    pp2_export = _exported_tensors(tmp_path / "export_pp2")
+    tp1_export = _exported_tensors(tmp_path / "export_tp1")
+    assert pp2_export.keys() == tp1_export.keys() and len(pp2_export) > 10
+    for name, tensor in tp1_export.items():
+        assert torch.equal(pp2_export[name], tensor), name
+
+
+def _exported_tensors(directory) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for shard in sorted(directory.glob("*.safetensors")):
+        tensors.update(load_file(shard))
+    return tensors
 
 
 def _bad(dirs: dict[str, str], train_file: str, out: str, **changes) -> RunConfig:
@@ -132,3 +179,38 @@ def test_bad_layouts_refused_before_weights_load(tiny_model_dirs, train_file, tm
 
         transformer_config(config, ParallelConfig(), recompute=RecomputeConfig("full",
                                                                                "block", 3))
+
+
+def _count(calls: collections.Counter, name: str, *_: object) -> None:
+    calls[name] += 1
+
+
+def test_recompute_recomputes_with_equal_gradients(tiny_model_dirs):
+    """megatron's selective/full recompute on CPU (accommodation 6): the layers' forward runs
+    again in backward, and the gradients are bit-identical to no recompute."""
+    from nemo_opd.models import RecomputeConfig, load_hf_gpt
+    from nemo_opd.models.pipeline import model_logits
+    from nemo_opd.runtime import distributed_runtime
+
+    tokens = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    results = {}
+    with distributed_runtime(ParallelConfig(), seed=5):
+        for recompute in (RecomputeConfig(), RecomputeConfig("selective"),
+                          RecomputeConfig("full", "uniform", 1),
+                          RecomputeConfig("full", "block", 2)):
+            model = load_hf_gpt(tiny_model_dirs["qwen3"], recompute=recompute)
+            calls = collections.Counter()
+            for layer in model.decoder.layers:
+                layer.register_forward_hook(functools.partial(_count, calls, "layer"))
+                layer.self_attention.core_attention.register_forward_hook(
+                    functools.partial(_count, calls, "core_attention"))
+            model_logits(model, tokens).float().pow(2).mean().backward()
+            grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+            results[recompute.granularity, recompute.method] = (dict(calls), grads)
+    plain_calls, plain_grads = results["none", "uniform"]
+    assert plain_calls == {"layer": 2, "core_attention": 2}
+    assert results["selective", "uniform"][0] == {"layer": 2, "core_attention": 4}
+    assert results["full", "uniform"][0] == {"layer": 4, "core_attention": 4}
+    assert results["full", "block"][0] == {"layer": 4, "core_attention": 4}
+    for _, grads in results.values():
+        assert torch.equal(grads, plain_grads)

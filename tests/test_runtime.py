@@ -49,52 +49,54 @@ def test_cpu_rng_tracker_forks_like_cuda_tracker():
             pass
 
 
-def _loss_and_grad_norm(model, tp_group) -> tuple[float, float]:
+def _loss_and_grad_norm(model, groups) -> tuple[float, float]:
+    """Loss and gradient norm the trainer's way: megatron DDP (fp32 main grads) and
+    finalize_model_grads, which sums the q/k-norm gradients each TP rank holds in part."""
     import torch.distributed as dist
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-    from nemo_opd.models.parallel_grads import reduce_tp_partial_grads
-
+    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True), model, pg_collection=groups)
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
     labels = torch.roll(ids, -1, dims=1)
     positions = torch.arange(12).expand(2, 12)
     # GPTModel(labels=...) computes its loss on megatron's *global* TP group (0.16's
     # vocab_parallel_cross_entropy takes no group), so gather the logits on the model's own group.
     logits = model(ids, positions, attention_mask=None)
-    logits = gather_from_tensor_model_parallel_region(logits, group=tp_group)
+    logits = gather_from_tensor_model_parallel_region(logits, group=groups.tp)
     loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
     loss.backward()
-    reduce_tp_partial_grads(model, tp_group)
+    finalize_model_grads([ddp], pg_collection=groups)
     sharded = torch.zeros(1, dtype=torch.float64)
     replicated = torch.zeros(1, dtype=torch.float64)
     for param in model.parameters():
-        square = param.grad.double().pow(2).sum()
+        square = param.main_grad.double().pow(2).sum()
         if getattr(param, "tensor_model_parallel", False):
             sharded += square
         else:
             replicated += square
-    dist.all_reduce(sharded, group=tp_group)
+    dist.all_reduce(sharded, group=groups.tp)
     return loss.item(), (sharded + replicated).sqrt().item()
 
 
 def _tp_equivalence_body(model_dir: str) -> dict[str, tuple[float, float]]:
-    from megatron.core import parallel_state
+    from megatron.core.process_groups_config import ProcessGroupCollection
 
     from nemo_opd.models.hf_import import build_gpt_model, read_hf_config
-    from nemo_opd.models.parallel_grads import tp_partial_grad_params
     from nemo_opd.runtime import distributed_runtime, model_process_groups, seed_all
 
     config = read_hf_config(model_dir)
     with distributed_runtime(ParallelConfig(tensor_model_parallel_size=2), seed=7):
         seed_all(7)
         tp2 = build_gpt_model(config, ParallelConfig(2))
-        assert len(tp_partial_grad_params(tp2)) == 2 * config.num_layers  # q and k norms
         tp1_groups = model_process_groups(ParallelConfig(1))
         seed_all(7)
         tp1 = build_gpt_model(config, ParallelConfig(1), pg_collection=tp1_groups)
         return {
-            "tp2": _loss_and_grad_norm(tp2, parallel_state.get_tensor_model_parallel_group()),
-            "tp1": _loss_and_grad_norm(tp1, tp1_groups.tp),
+            "tp2": _loss_and_grad_norm(tp2, ProcessGroupCollection.use_mpu_process_groups()),
+            "tp1": _loss_and_grad_norm(tp1, tp1_groups),
         }
 
 

@@ -11,6 +11,8 @@ import contextlib
 import dataclasses
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
@@ -150,8 +152,8 @@ def export_trained_student(student: torch.nn.Module, cfg: RunConfig, plan: Expor
     """Export the trained student (rank 0 writes); ``[export_dir]``.
 
     ModelOpt's exporter needs whole weights: a student trained with TP or PP > 1 is first
-    restored whole from the run's newest checkpoint (the trainer saves one after its last step),
-    so no rerun is needed."""
+    restored whole from the run's newest checkpoint on every rank (the trainer saves one after
+    its last step), so no rerun is needed."""
     from nemo_opd.quant.export import export_student
     from nemo_opd.runtime import model_parallel_layout
 
@@ -162,12 +164,18 @@ def export_trained_student(student: torch.nn.Module, cfg: RunConfig, plan: Expor
                   cfg.model.student_parallel)
         student, groups = whole_student_from_checkpoint(cfg)
         layout = model_parallel_layout(groups)
-    if is_rank0():
+    # ModelOpt's exporter gathers metadata from every rank of the job, so every rank exports
+    # its whole copy; only rank 0's lands in export_dir, the others' in scratch space.
+    target = export_dir if is_rank0() else Path(tempfile.mkdtemp(prefix="nemo_opd_export_"))
+    try:
         with layout:
-            result = export_student(student, cfg.model.student, export_dir,
+            result = export_student(student, cfg.model.student, target,
                                     dtype=_DTYPES[plan.dtype],
                                     tokenizer_dir=cfg.model.tokenizer_path)
-        logger.info("exported the student to %s", result.export_dir)
+    finally:
+        if not is_rank0():
+            shutil.rmtree(target, ignore_errors=True)
+    log_rank0(logger, "exported the student to %s", result.export_dir)
     _barrier()
     return [export_dir]
 

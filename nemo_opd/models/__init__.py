@@ -11,7 +11,6 @@ from nemo_opd.models.hf_import import (
     read_hf_config,
     transformer_config,
 )
-from nemo_opd.models.parallel_grads import reduce_tp_partial_grads, tp_partial_grad_params
 
 __all__ = [
     "ARCHITECTURES",
@@ -23,7 +22,5 @@ __all__ = [
     "check_parallel_fits",
     "load_hf_gpt",
     "read_hf_config",
-    "reduce_tp_partial_grads",
-    "tp_partial_grad_params",
     "transformer_config",
 ]

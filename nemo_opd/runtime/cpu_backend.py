@@ -30,6 +30,12 @@ On a GPU machine nothing here runs.
    (entered around each schedule call by :mod:`nemo_opd.models.pipeline`) is a torch function
    mode that creates tensors asked for on ``"cuda"`` on the CPU instead; outside it nothing
    changes, and with CUDA it is a no-op.
+6. **Activation recompute.** megatron's ``CheckpointFunction`` (selective and full recompute)
+   saves and restores the CPU generator, the tracker's states and the CUDA generator through
+   ``tensor_parallel.random._get_cuda_rng_state`` / ``_set_cuda_rng_state``. Without CUDA
+   there is no CUDA generator: the getter returns an empty state and the setter ignores it,
+   while the CPU generator and the (CPU) tracker states are saved and restored as on GPU, so a
+   recomputed forward draws the same numbers.
 """
 
 from __future__ import annotations
@@ -108,6 +114,14 @@ def _sliding_window_causal_mask(sq: int, skv: int, window_size: tuple[int, int])
     return ~torch.tril(upper, diagonal=skv - sq + window_size[1])
 
 
+def _no_cuda_rng_state(*args: object, **kwargs: object) -> torch.Tensor:
+    return torch.empty(0, dtype=torch.uint8)
+
+
+def _ignore_cuda_rng_state(*args: object, **kwargs: object) -> None:
+    return None
+
+
 def install_cpu_rng_tracker() -> None:
     """Make megatron's global RNG tracker a :class:`CpuRNGStatesTracker` (resetting its states)."""
     mcore_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
@@ -122,6 +136,8 @@ def apply_cpu_accommodations() -> None:
     install_cpu_rng_tracker()
     torch.cuda.current_device = _cpu_current_device
     torch.cuda.synchronize = _no_synchronize
+    mcore_random._get_cuda_rng_state = _no_cuda_rng_state
+    mcore_random._set_cuda_rng_state = _ignore_cuda_rng_state
     fused_softmax.get_default_causal_mask = _causal_mask
     fused_softmax.get_sliding_window_causal_mask = _sliding_window_causal_mask
     _APPLIED = True

@@ -237,13 +237,15 @@ def model_process_groups(parallel: ParallelConfig) -> ProcessGroupCollection:
     world_size = dist.get_world_size()
     dp = parallel.data_parallel_size(world_size)
     grid = HyperCommGrid(
-        [parallel.tensor_model_parallel_size, 1, dp, parallel.pipeline_model_parallel_size],
-        ["tp", "cp", "dp", "pp"],
+        [parallel.tensor_model_parallel_size, 1, 1, dp, parallel.pipeline_model_parallel_size],
+        ["tp", "cp", "ep", "dp", "pp"],
     )
     pgs = ProcessGroupCollection()
     pgs.tp = grid.create_pg("tp")
     pgs.cp = grid.create_pg("cp")
+    pgs.ep = grid.create_pg("ep")  # dense models: one rank each; megatron's DDP asks for it
     pgs.dp = grid.create_pg("dp")
+    pgs.expt_dp = pgs.dp
     pgs.pp = grid.create_pg("pp")
     pgs.tp_cp = grid.create_pg(["tp", "cp"])
     pgs.dp_cp = grid.create_pg(["cp", "dp"])
@@ -253,27 +255,47 @@ def model_process_groups(parallel: ParallelConfig) -> ProcessGroupCollection:
     return pgs
 
 
+_LAYOUT_OVERRIDES = (
+    ("_MPU_TENSOR_MODEL_PARALLEL_RANK", parallel_state.set_tensor_model_parallel_rank, "tp", True),
+    ("_MPU_TENSOR_MODEL_PARALLEL_WORLD_SIZE",
+     parallel_state.set_tensor_model_parallel_world_size, "tp", False),
+    ("_MPU_PIPELINE_MODEL_PARALLEL_RANK", parallel_state.set_pipeline_model_parallel_rank, "pp",
+     True),
+    ("_MPU_PIPELINE_MODEL_PARALLEL_WORLD_SIZE",
+     parallel_state.set_pipeline_model_parallel_world_size, "pp", False),
+    ("_MPU_DATA_PARALLEL_RANK", parallel_state.set_data_parallel_rank, "dp_cp", True),
+)
+"""megatron's override of a global rank or size: (its variable, its setter, the group of
+``groups`` it takes, rank (True) or size)."""
+_DATA_PARALLEL_GROUPS = {"_DATA_PARALLEL_GROUP": "dp", "_DATA_PARALLEL_GROUP_WITH_CP": "dp_cp"}
+"""megatron's global data-parallel groups (no setters) and the member of ``groups`` each takes."""
+
+
 @contextlib.contextmanager
 def model_parallel_layout(groups: ProcessGroupCollection) -> Iterator[None]:
-    """Make megatron's global TP and PP rank/size read as ``groups``' inside the block.
+    """Make megatron's global TP, PP and data-parallel ranks (and TP/PP sizes) read as
+    ``groups``' inside the block.
 
-    For library code that reads ``parallel_state.get_tensor_model_parallel_rank()`` (ModelOpt's
-    HF importer slices checkpoint tensors with it) or the pipeline rank (ModelOpt's exporter)
-    instead of taking a group. Uses megatron's own override setters and restores the previous
-    overrides on exit.
+    For library code that reads ``parallel_state`` instead of taking a group: ModelOpt's HF
+    importer slices checkpoint tensors by the global TP rank, its exporter reads the pipeline
+    rank, and checkpoint replica ids come from the global TP and DP ranks. Uses megatron's own
+    override setters and restores the previous overrides on exit.
     """
-    previous = (parallel_state._MPU_TENSOR_MODEL_PARALLEL_RANK,
-                parallel_state._MPU_TENSOR_MODEL_PARALLEL_WORLD_SIZE,
-                parallel_state._MPU_PIPELINE_MODEL_PARALLEL_RANK,
-                parallel_state._MPU_PIPELINE_MODEL_PARALLEL_WORLD_SIZE)
-    parallel_state.set_tensor_model_parallel_rank(dist.get_rank(groups.tp))
-    parallel_state.set_tensor_model_parallel_world_size(dist.get_world_size(groups.tp))
-    parallel_state.set_pipeline_model_parallel_rank(dist.get_rank(groups.pp))
-    parallel_state.set_pipeline_model_parallel_world_size(dist.get_world_size(groups.pp))
+    previous = [getattr(parallel_state, name) for name, *_ in _LAYOUT_OVERRIDES]
+    # megatron has no setter for the data-parallel *groups*, and its sharded_state_dict takes
+    # the global one for checkpoint replica ids (ensure_metadata_has_dp_cp_group) even for a
+    # model built on its own groups; without this, every rank restoring a whole model claims to
+    # be replica 0 and dist-checkpointing refuses the load.
+    groups_before = {name: getattr(parallel_state, name) for name in _DATA_PARALLEL_GROUPS}
+    for _, setter, group, is_rank in _LAYOUT_OVERRIDES:
+        pg = getattr(groups, group)
+        setter(dist.get_rank(pg) if is_rank else dist.get_world_size(pg))
+    for name, attr in _DATA_PARALLEL_GROUPS.items():
+        setattr(parallel_state, name, getattr(groups, attr))
     try:
         yield
     finally:
-        parallel_state.set_tensor_model_parallel_rank(previous[0])
-        parallel_state.set_tensor_model_parallel_world_size(previous[1])
-        parallel_state.set_pipeline_model_parallel_rank(previous[2])
-        parallel_state.set_pipeline_model_parallel_world_size(previous[3])
+        for (_, setter, *_), value in zip(_LAYOUT_OVERRIDES, previous, strict=True):
+            setter(value)
+        for name, value in groups_before.items():
+            setattr(parallel_state, name, value)
