@@ -51,6 +51,8 @@ from nemo_opd.launch.stages import (
     log_rank0,
     reuse_or_evaluate,
     use_demo_assets,
+    whole_layout,
+    whole_student_from_checkpoint,
     write_results,
 )
 from nemo_opd.rollout.engine import SamplingParams
@@ -122,11 +124,15 @@ def onpolicy_qat(
                     "evaluation": evaluation}
         fingerprint = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
                        for k, v in baseline.items()}
+        # With pipeline parallelism, evaluation builds whole models (TP = PP = 1) on each rank.
+        eval_cfg, eval_groups = whole_layout(cfg)
         records = [
             reuse_or_evaluate(out / "eval_teacher.json", fingerprint, lambda: evaluate(
-                build_teacher(cfg, teacher_groups(cfg)[0]), run_name="teacher", role="teacher")),
+                build_teacher(eval_cfg, eval_groups or teacher_groups(cfg)[0]),
+                run_name="teacher", role="teacher")),
             reuse_or_evaluate(out / "eval_ptq.json", fingerprint, lambda: evaluate(
-                build_student(cfg, calibration_batches(cfg, examples, pad_id)),
+                build_student(eval_cfg, calibration_batches(cfg, examples, pad_id),
+                              pg_collection=eval_groups),
                 run_name=f"PTQ {cfg.quant.format}", role="ptq")),
         ]
 
@@ -135,6 +141,8 @@ def onpolicy_qat(
         exported: list[Path] = []
 
         def eval_hook(student: Any, steps_done: int) -> dict[str, float]:
+            if eval_groups is not None:  # a pipeline stage: evaluate this step's checkpoint
+                student = whole_student_from_checkpoint(cfg, steps_done)[0]
             record = evaluate(student, run_name=f"student step {steps_done}", role="student")
             if steps_done == cfg.total_steps:
                 records.append({**record, "run": f"on-policy QAT ({cfg.quant.format})"})
@@ -257,6 +265,13 @@ def check(kwargs: dict[str, Any], executor: run.Executor | None) -> None:
     ``config.json`` files are read (nemo_opd.launch.memory)."""
     fields = {f.name for f in dataclasses.fields(RunConfig)}
     cfg = RunConfig(**{k: v for k, v in kwargs.items() if k in fields})
+    every = cfg.checkpoint.save_every
+    if (cfg.model.student_parallel.pipeline_model_parallel_size > 1 and cfg.eval_every
+            and (not every or cfg.eval_every % every)):
+        raise ValueError(
+            f"eval_every = {cfg.eval_every} with pipeline_model_parallel_size > 1 needs "
+            f"checkpoint.save_every dividing it (got {every}): a pipeline stage is evaluated "
+            "through the checkpoint of that step, restored whole")
     world = check_world_fits(executor, cfg.model.student_parallel)
     gpu_memory_gib = executor_gpu_memory_gib(executor)
     plan = check_memory_fits(cfg, world, gpu_memory_gib)

@@ -108,6 +108,28 @@ def test_tp2_through_the_local_torchrun_executor(job, tp1):
               "model.student_parallel.tensor_model_parallel_size=2",
               "model.teacher_parallel.tensor_model_parallel_size=2")
     rows, reference = _rows(out), _rows(tp1)
-    assert list(rows) == ["teacher", "PTQ int4", "on-policy QAT (int4)"]  # export needs TP=1
+    # The export is restored whole (TP=1) from the final checkpoint on both ranks.
+    assert list(rows) == list(reference)
     for run in ("teacher", "PTQ int4"):  # deterministic evaluations: TP=2 equals TP=1
         assert rows[run]["values"] == pytest.approx(reference[run]["values"])
+    student, export = rows["on-policy QAT (int4)"], rows["export int4 (HF dequantised)"]
+    assert export["values"] == pytest.approx(student["values"], abs=0.05)
+
+
+@pytest.mark.multirank
+def test_pp2_off_policy_through_the_local_torchrun_executor(job, tp1):
+    """PP=2 (λ=0: rollouts need PP=1): baselines and student evaluated as whole models on each
+    rank, the student from its final checkpoint, and exported from it."""
+    out = job["root"] / "pp2"
+    _nemo_run(job, out, "run.executor=local", "run.executor.nproc_per_node=2",
+              "model.student_parallel.pipeline_model_parallel_size=2",
+              "model.teacher_parallel.pipeline_model_parallel_size=2", "distill.lmbda=0.0",
+              "distill.beta=0.0")
+    rows, reference = _rows(out), _rows(tp1)
+    assert list(rows) == list(reference)
+    for run in ("teacher", "PTQ int4"):  # the same whole models as at TP=PP=1
+        assert rows[run]["values"] == pytest.approx(reference[run]["values"])
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [s["on_policy_fraction"] for s in steps if "loss" in s] == [0.0, 0.0, 0.0]
+    student, export = rows["on-policy QAT (int4)"], rows["export int4 (HF dequantised)"]
+    assert export["values"] == pytest.approx(student["values"], abs=0.05)

@@ -7,7 +7,6 @@ rank 0 only.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
@@ -32,6 +31,7 @@ __all__ = [
     "evaluator",
     "reuse_or_evaluate",
     "export_trained_student",
+    "whole_layout",
     "whole_student_from_checkpoint",
     "evaluate_export",
     "write_results",
@@ -129,17 +129,33 @@ def evaluator(plan: EvalPlan, tokenizer: Any) -> Evaluate:
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def whole_student_from_checkpoint(cfg: RunConfig) -> tuple[torch.nn.Module, Any]:
-    """The run's newest checkpoint restored at TP = PP = 1 on every rank (megatron's dist
-    checkpointing reshards), with the process groups it was built on (collective)."""
+def whole_layout(cfg: RunConfig) -> tuple[RunConfig, Any]:
+    """``(cfg, None)`` at PP = 1. At PP > 1, where MegatronLM cannot evaluate a pipeline stage:
+    ``cfg`` with TP = PP = 1 layouts and the process groups (collective) on which every rank
+    builds whole models for evaluation."""
+    from nemo_opd.runtime import ParallelConfig, model_process_groups
+
+    if cfg.model.student_parallel.pipeline_model_parallel_size == 1:
+        return cfg, None
+    whole = dataclasses.replace(cfg.model, student_parallel=ParallelConfig(),
+                                teacher_parallel=ParallelConfig())
+    return dataclasses.replace(cfg, model=whole), model_process_groups(ParallelConfig())
+
+
+def whole_student_from_checkpoint(cfg: RunConfig, step: int | None = None
+                                  ) -> tuple[torch.nn.Module, Any]:
+    """The run's checkpoint of ``step`` (default: the newest) restored at TP = PP = 1 on every
+    rank (megatron's dist checkpointing reshards), with the process groups it was built on
+    (collective)."""
     from nemo_opd.models import build_gpt_model, read_hf_config
     from nemo_opd.models.checkpoint import load_model_checkpoint
     from nemo_opd.runtime import ParallelConfig, model_parallel_layout, model_process_groups
     from nemo_opd.train import latest_checkpoint
 
     checkpoint = latest_checkpoint(cfg.checkpoint_dir)
-    if checkpoint is None:
-        raise FileNotFoundError(f"no checkpoint in {cfg.checkpoint_dir} to export from")
+    if checkpoint is None or (step is not None and not checkpoint.name.endswith(f"_{step:08d}")):
+        raise FileNotFoundError(f"no checkpoint of step {step if step is not None else 'any'} "
+                                f"in {cfg.checkpoint_dir} (newest: {checkpoint})")
     groups = model_process_groups(ParallelConfig())
     shell = build_gpt_model(read_hf_config(cfg.model.student), ParallelConfig(),
                             dtype=_DTYPES[cfg.model.student_dtype], pg_collection=groups)
@@ -147,28 +163,27 @@ def whole_student_from_checkpoint(cfg: RunConfig) -> tuple[torch.nn.Module, Any]
         return load_model_checkpoint(shell, checkpoint / "model"), groups
 
 
-def export_trained_student(student: torch.nn.Module, cfg: RunConfig, plan: ExportPlan
+def export_trained_student(student: torch.nn.Module | None, cfg: RunConfig, plan: ExportPlan
                            ) -> list[Path]:
     """Export the trained student (rank 0 writes); ``[export_dir]``.
 
-    ModelOpt's exporter needs whole weights: a student trained with TP or PP > 1 is first
-    restored whole from the run's newest checkpoint on every rank (the trainer saves one after
-    its last step), so no rerun is needed."""
+    ModelOpt's exporter needs whole weights: ``student`` None, or one sharded with TP or
+    PP > 1, is first restored whole from the run's newest checkpoint on every rank (the trainer
+    saves one after its last step), so no rerun is needed."""
     from nemo_opd.quant.export import export_student
     from nemo_opd.runtime import model_parallel_layout
 
     export_dir = Path(plan.dir or Path(cfg.output_dir) / "export")
-    layout: Any = contextlib.nullcontext()
-    if cfg.model.student_parallel.model_parallel_size > 1:
+    if student is None or (student.config.tensor_model_parallel_size
+                           * student.config.pipeline_model_parallel_size > 1):
         log_rank0(logger, "restoring the %s student at TP = PP = 1 for export",
                   cfg.model.student_parallel)
-        student, groups = whole_student_from_checkpoint(cfg)
-        layout = model_parallel_layout(groups)
+        student, _ = whole_student_from_checkpoint(cfg)
     # ModelOpt's exporter gathers metadata from every rank of the job, so every rank exports
     # its whole copy; only rank 0's lands in export_dir, the others' in scratch space.
     target = export_dir if is_rank0() else Path(tempfile.mkdtemp(prefix="nemo_opd_export_"))
     try:
-        with layout:
+        with model_parallel_layout(student.pg_collection):
             result = export_student(student, cfg.model.student, target,
                                     dtype=_DTYPES[plan.dtype],
                                     tokenizer_dir=cfg.model.tokenizer_path)

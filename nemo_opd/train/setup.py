@@ -7,6 +7,7 @@ config.json vocab sizes) is checked before any weight is loaded.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from nemo_opd.data import (
 )
 from nemo_opd.models import RecomputeConfig, build_gpt_model, load_hf_gpt, read_hf_config
 from nemo_opd.models.pipeline import forward_logits
-from nemo_opd.runtime import model_process_groups
+from nemo_opd.runtime import model_parallel_layout, model_process_groups
 
 __all__ = ["check_teacher_student_agreement", "load_tokenizer", "load_examples",
            "build_student", "build_fresh_student_shell", "build_teacher", "teacher_groups"]
@@ -132,24 +133,32 @@ def student_recompute(cfg: RunConfig) -> RecomputeConfig:
                            cfg.model.recompute_num_layers)
 
 
-def build_student(cfg: RunConfig, calibration: list[torch.Tensor]) -> torch.nn.Module:
+def build_student(cfg: RunConfig, calibration: list[torch.Tensor], *,
+                  pg_collection: ProcessGroupCollection | None = None) -> torch.nn.Module:
     """The student from its HF weights, quantized and calibrated (QAT-ready), with LoRA
-    adapters on the frozen quantized base when ``quant.lora``."""
+    adapters on the frozen quantized base when ``quant.lora``. ``pg_collection`` builds it on
+    its own groups (``cfg.model.student_parallel`` must describe them), e.g. whole for
+    evaluation next to a pipeline-parallel run."""
     from nemo_opd.quant.lora import LoraConfig, add_lora
     from nemo_opd.quant.student import quantize_student
 
-    student = load_hf_gpt(cfg.model.student, cfg.model.student_parallel,
-                          dtype=_DTYPES[cfg.model.student_dtype], recompute=student_recompute(cfg))
-    if cfg.quant.format != "none":
-        def forward_loop(model: torch.nn.Module) -> None:
-            device = next(model.parameters()).device
-            with torch.no_grad():
-                for tokens in calibration:
-                    forward_logits(model, tokens.to(device))
+    layout = (model_parallel_layout(pg_collection) if pg_collection is not None
+              else contextlib.nullcontext())
+    with layout:  # ModelOpt's quantizers read megatron's global layout
+        student = load_hf_gpt(cfg.model.student, cfg.model.student_parallel,
+                              dtype=_DTYPES[cfg.model.student_dtype],
+                              recompute=student_recompute(cfg), pg_collection=pg_collection)
+        if cfg.quant.format != "none":
+            def forward_loop(model: torch.nn.Module) -> None:
+                device = next(model.parameters()).device
+                with torch.no_grad():
+                    for tokens in calibration:
+                        forward_logits(model, tokens.to(device))
 
-        quantize_student(student, cfg.quant.format, forward_loop if calibration else None)
-    if cfg.quant.lora:
-        add_lora(student, LoraConfig(rank=cfg.quant.lora_r, alpha=cfg.quant.lora_alpha))
+            quantize_student(student, cfg.quant.format,
+                             forward_loop if calibration else None)
+        if cfg.quant.lora:
+            add_lora(student, LoraConfig(rank=cfg.quant.lora_r, alpha=cfg.quant.lora_alpha))
     return student
 
 
