@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -38,3 +39,14 @@ def tiny_quant_model_dir(tmp_path_factory, tiny_tokenizer) -> str:
     root = tmp_path_factory.mktemp("tiny_quant")
     return str(make_tiny_hf_model(root / "qwen3_256", "qwen3", spec, seed=3,
                                   tokenizer=tiny_tokenizer))
+
+
+@pytest.fixture(scope="session")
+def train_file(tmp_path_factory) -> str:
+    """16 prompt/response pairs of a tiny arithmetic task (jsonl), for trainer tests."""
+    path = tmp_path_factory.mktemp("train_data") / "train.jsonl"
+    with open(path, "w") as f:
+        for i in range(16):
+            f.write(json.dumps({"prompt": f"question: what is {i} plus {i % 5}?",
+                                "response": f"answer: {i + i % 5}"}) + "\n")
+    return str(path)

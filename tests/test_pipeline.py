@@ -15,7 +15,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import json
 
 import pytest
 import torch
@@ -33,16 +32,6 @@ from nemo_opd.config import (
 )
 from nemo_opd.rollout import SamplingParams
 from nemo_opd.runtime import ParallelConfig
-
-
-@pytest.fixture(scope="module")
-def train_file(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("pp_data") / "train.jsonl"
-    with open(path, "w") as f:
-        for i in range(16):
-            f.write(json.dumps({"prompt": f"question: what is {i} plus {i % 5}?",
-                                "response": f"answer: {i + i % 5}"}) + "\n")
-    return str(path)
 
 
 def _config(dirs: dict[str, str], train_file: str, out: str, *, pp: int, tp: int = 1,
