@@ -38,7 +38,7 @@ from nemo_opd.data import EpochBatches, Example, ReplayBuffer, SequenceBatch, st
 from nemo_opd.rollout.engine import RolloutEngine
 from nemo_opd.rollout.megatron_engine import MegatronEngine
 from nemo_opd.rollout.teacher_seeded import TeacherSeededRollouts
-from nemo_opd.runtime import distributed_runtime, seed_all
+from nemo_opd.runtime import distributed_runtime, runtime_device, seed_all
 from nemo_opd.strategies import PlanPart, Strategy, TeacherContext, build_strategy
 from nemo_opd.train import checkpoint as ckpt
 from nemo_opd.train import setup
@@ -304,7 +304,8 @@ class Trainer:
         if self.dp_group is None or dist.get_world_size(self.dp_group) == 1:
             return
         keys = self._DP_MEAN + self._DP_SUM
-        values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+        values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64,
+                              device=runtime_device())  # NCCL reduces GPU tensors only
         dist.all_reduce(values, group=self.dp_group)
         size = dist.get_world_size(self.dp_group)
         for key, value in zip(keys, values.tolist(), strict=True):

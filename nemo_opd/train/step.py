@@ -45,6 +45,7 @@ from nemo_opd.loss import (
     vocab_parallel_logprobs,
 )
 from nemo_opd.models.pipeline import forward_backward, forward_logits, last_stage_rank
+from nemo_opd.runtime import runtime_device
 from nemo_opd.strategies import TeacherContext
 
 __all__ = ["ScoringModels", "ScoreResult", "NonFiniteLossError", "TeacherTopKCache", "score_batch",
@@ -222,6 +223,8 @@ def score_batch(models: ScoringModels, batch: SequenceBatch, cfg: DistillConfig,
     started = time.perf_counter()
     cached = (cache.load(batch, device) if cache is not None and batch.source == "dataset"
               else None)
+    if not _on_every_stage(models.student, cached is not None):
+        cached = None  # the stages must agree: a miss runs the teacher's pipeline on all of them
     t_logits = top = teacher_lp = None
     teacher_nll = math.nan
     with torch.no_grad():
@@ -277,6 +280,16 @@ def score_batch(models: ScoringModels, batch: SequenceBatch, cfg: DistillConfig,
                        teacher_seconds, student_seconds, teacher_cache_hit=cached is not None)
 
 
+def _on_every_stage(model: torch.nn.Module, flag: bool) -> bool:
+    """``flag`` and-ed over the model's pipeline stages (as-is at PP=1)."""
+    group = model.pg_collection.pp
+    if group.size() == 1:
+        return flag
+    value = torch.tensor([int(flag)], device=runtime_device())  # NCCL: tensors on the GPU
+    dist.all_reduce(value, op=dist.ReduceOp.MIN, group=group)
+    return bool(value.item())
+
+
 _METRICS = ("loss", "total", "forward_kl", "reverse_kl", "anchor_kl", "teacher_nll")
 
 
@@ -287,14 +300,15 @@ def _from_last_stage(model: torch.nn.Module, metrics: dict[str, float] | None
     if group.size() == 1:
         return metrics
     values = torch.tensor([metrics[k] for k in _METRICS] if metrics is not None
-                          else [0.0] * len(_METRICS), dtype=torch.float64)
+                          else [0.0] * len(_METRICS), dtype=torch.float64,
+                          device=runtime_device())
     dist.broadcast(values, src=last_stage_rank(model), group=group)
     return dict(zip(_METRICS, values.tolist(), strict=True))
 
 
 def stop_if_nonfinite(value: float, what: str) -> None:
     """Raise on every rank if ``value`` is NaN/inf on any rank (ranks must stop together)."""
-    bad = torch.tensor([0.0 if math.isfinite(value) else 1.0])
+    bad = torch.tensor([0.0 if math.isfinite(value) else 1.0], device=runtime_device())
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     if bad.item():
