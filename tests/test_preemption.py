@@ -11,7 +11,7 @@ import signal
 
 import pytest
 from multirank import run_ranks
-from test_train import _RESUME, _config, _losses, train_file  # noqa: F401  (fixture)
+from test_train import _RESUME, _config, _losses
 
 from nemo_opd.config import CheckpointConfig
 
@@ -65,7 +65,7 @@ def _body(dirs: dict[str, str], data_file: str, root: str) -> dict:
 
 
 @pytest.mark.multirank
-def test_should_stop_on_one_rank_saves_and_resume_is_exact(tiny_model_dirs, train_file,  # noqa: F811
+def test_should_stop_on_one_rank_saves_and_resume_is_exact(tiny_model_dirs, train_file,
                                                            tmp_path):
     ranks = run_ranks(_body, world_size=2, dirs=tiny_model_dirs, data_file=train_file,
                       root=str(tmp_path), timeout=240)

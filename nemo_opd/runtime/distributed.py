@@ -131,10 +131,12 @@ def _free_port() -> int:
 
 def _init_process_group(backend: str, timeout: timedelta) -> None:
     if "RANK" not in os.environ:
-        # A plain `python script.py`: a world of one, so the same code path as torchrun.
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        # A plain `python script.py`: a world of one, so the same code path as torchrun. Not
+        # through os.environ: a launcher this process starts later (a torchrun of the recipe)
+        # would inherit RANK/MASTER_PORT and collide with this store's port.
+        dist.init_process_group(backend=backend, timeout=timeout, rank=0, world_size=1,
+                                init_method=f"tcp://127.0.0.1:{_free_port()}")
+        return
     dist.init_process_group(backend=backend, timeout=timeout)
 
 
@@ -267,30 +269,31 @@ _LAYOUT_OVERRIDES = (
 )
 """megatron's override of a global rank or size: (its variable, its setter, the group of
 ``groups`` it takes, rank (True) or size)."""
-_DATA_PARALLEL_GROUPS = {"_DATA_PARALLEL_GROUP": "dp", "_DATA_PARALLEL_GROUP_WITH_CP": "dp_cp"}
-"""megatron's global data-parallel groups (no setters) and the member of ``groups`` each takes."""
+_GLOBAL_GROUPS = {"_TENSOR_MODEL_PARALLEL_GROUP": "tp", "_PIPELINE_MODEL_PARALLEL_GROUP": "pp",
+                  "_DATA_PARALLEL_GROUP": "dp", "_DATA_PARALLEL_GROUP_WITH_CP": "dp_cp"}
+"""megatron's global process groups (no setters) and the member of ``groups`` each takes."""
 
 
 @contextlib.contextmanager
 def model_parallel_layout(groups: ProcessGroupCollection) -> Iterator[None]:
-    """Make megatron's global TP, PP and data-parallel ranks (and TP/PP sizes) read as
+    """Make megatron's global TP, PP and data-parallel layout (ranks, sizes, groups) read as
     ``groups``' inside the block.
 
     For library code that reads ``parallel_state`` instead of taking a group: ModelOpt's HF
     importer slices checkpoint tensors by the global TP rank, its exporter reads the pipeline
-    rank, and checkpoint replica ids come from the global TP and DP ranks. Uses megatron's own
-    override setters and restores the previous overrides on exit.
+    rank, and checkpoint shardings come from the global groups even for a model built on its
+    own (megatron's ``ensure_metadata_has_dp_cp_group``, ModelOpt's quantizer ``_amax``
+    tensors): without them every rank restoring a whole model next to a TP/PP run would claim
+    the same replica, or another rank's shard, and dist-checkpointing refuses the load. Ranks
+    and sizes go through megatron's override setters; the groups have no setters and are
+    swapped in place. Everything is restored on exit.
     """
     previous = [getattr(parallel_state, name) for name, *_ in _LAYOUT_OVERRIDES]
-    # megatron has no setter for the data-parallel *groups*, and its sharded_state_dict takes
-    # the global one for checkpoint replica ids (ensure_metadata_has_dp_cp_group) even for a
-    # model built on its own groups; without this, every rank restoring a whole model claims to
-    # be replica 0 and dist-checkpointing refuses the load.
-    groups_before = {name: getattr(parallel_state, name) for name in _DATA_PARALLEL_GROUPS}
+    groups_before = {name: getattr(parallel_state, name) for name in _GLOBAL_GROUPS}
     for _, setter, group, is_rank in _LAYOUT_OVERRIDES:
         pg = getattr(groups, group)
         setter(dist.get_rank(pg) if is_rank else dist.get_world_size(pg))
-    for name, attr in _DATA_PARALLEL_GROUPS.items():
+    for name, attr in _GLOBAL_GROUPS.items():
         setattr(parallel_state, name, getattr(groups, attr))
     try:
         yield
