@@ -87,9 +87,10 @@ class ModelConfig:
     student_parallel: ParallelConfig = ParallelConfig()
     """The student's TP/PP layout (the global megatron layout of the job)."""
     teacher_parallel: ParallelConfig = ParallelConfig()
-    """The teacher's TP/PP layout; its TP size and the student's must divide one another. A
-    larger teacher TP group scores the batches of the student data-parallel ranks it spans in
-    one forward (only the teacher's top-k / log-probs reach the student)."""
+    """The teacher's TP/PP layout; its TP size and the student's must divide one another. On
+    another layout than the student's, a larger teacher TP group or a teacher pipeline scores
+    the batches of all student ranks it spans in one forward, and only the teacher's top-k /
+    log-probs reach the student (distill.loss "topk" or "sampled")."""
     student_dtype: str = "float32"
     """Student parameter dtype, one of :data:`DTYPES` (bf16 on GPU, fp32 on CPU)."""
     teacher_dtype: str = "float32"
@@ -435,15 +436,19 @@ class RunConfig:
                 f"student_parallel.tensor_model_parallel_size = {student_tp} must divide one "
                 "another (each teacher TP group must hold whole student TP groups, or sit inside "
                 "one)")
-        if teacher_tp > student_tp and self.distill.strategy.name == "teacher_seeded":
+        teacher_pp = self.model.teacher_parallel.pipeline_model_parallel_size
+        if ((teacher_tp > student_tp or teacher_pp > 1)
+                and self.distill.strategy.name == "teacher_seeded"):
             raise ValueError(
                 f"StrategyConfig.name = 'teacher_seeded' needs teacher TP ({teacher_tp}) <= "
-                f"student TP ({student_tp}): the teacher writes prefixes for one student batch "
-                "at a time")
-        if self.distill.loss == "full" and teacher_tp != student_tp:
+                f"student TP ({student_tp}) and teacher PP = 1 (got {teacher_pp}): the teacher "
+                "writes prefixes for one student batch at a time, with the whole model")
+        if self.distill.loss == "full" and self.model.teacher_parallel != \
+                self.model.student_parallel:
             raise ValueError(
-                f"DistillConfig.loss = 'full' needs the teacher's TP size ({teacher_tp}) to equal "
-                f"the student's ({student_tp}): full-vocabulary logits are not moved between "
+                f"DistillConfig.loss = 'full' needs the teacher's layout "
+                f"({self.model.teacher_parallel}) to equal the student's "
+                f"({self.model.student_parallel}): full-vocabulary logits are not moved between "
                 "layouts; use loss='topk' or 'sampled'")
         self._check_pipeline()
         off_policy_needed = self.distill.lmbda < 1 or self.distill.strategy.name in (
@@ -469,13 +474,6 @@ class RunConfig:
 
     def _check_pipeline(self) -> None:
         student_pp = self.model.student_parallel.pipeline_model_parallel_size
-        teacher_pp = self.model.teacher_parallel.pipeline_model_parallel_size
-        if teacher_pp != student_pp:
-            raise ValueError(
-                f"ModelConfig.teacher_parallel.pipeline_model_parallel_size = {teacher_pp} must "
-                f"equal student_parallel.pipeline_model_parallel_size = {student_pp}: the "
-                "teacher's last stage must hold the student's last-stage tokens (use the "
-                "teacher's tensor_model_parallel_size to give it more GPUs)")
         if student_pp > 1 and self.needs_rollouts:
             raise ValueError(
                 f"ModelConfig.student_parallel.pipeline_model_parallel_size = {student_pp} with "

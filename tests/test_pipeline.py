@@ -2,12 +2,14 @@
 
 * PP=2 equals PP=1 (fp32): per-step losses and gradient norms of off-policy training (the
   loss on the last stage inside megatron's 1F1B schedule, backward through both stages), with
-  the teacher scoring through its own PP=2 pipeline; top-k loss from a teacher at TP=2 × PP=2
-  against a TP=1 × PP=2 student on 4 ranks equals the same at PP=1;
+  the teacher scoring through the same PP=2 pipeline;
+* a teacher on its own PP=2 layout next to a PP=1 student (DP=2, top-k loss) equals a whole
+  teacher: its pipeline scores both ranks' batches and broadcasts the top-k;
 * a PP=2 run stopped and resumed from its checkpoint reproduces the uninterrupted losses, and
   its export (restored whole from the checkpoint, no rerun) equals a single-process export;
-* bad layouts (PP not dividing the layers, rollouts at PP>1, teacher PP ≠ student PP,
-  sequence parallel on CPU) are refused before any weight loads.
+* bad layouts (PP not dividing the layers, rollouts at PP>1, the full-vocabulary loss across
+  layouts, sequence parallel on CPU, recompute groups larger than a stage) are refused before
+  any weight loads.
 """
 
 from __future__ import annotations
@@ -88,6 +90,39 @@ def _pp_body(dirs: dict[str, str], train_file: str, root: str, pp: int) -> dict:
     return out
 
 
+def _teacher_pp_body(dirs: dict[str, str], train_file: str, root: str) -> dict:
+    """A PP=1 student on 2 ranks (DP=2) with its teacher at PP=1 and on its own PP=2 layout
+    (top-k loss): the teacher pipeline scores both ranks' batches in one pass."""
+    import torch.distributed as dist
+
+    from nemo_opd.train import run_distillation
+
+    dist.init_process_group("gloo")
+    out = {}
+    for teacher_pp in (1, 2):
+        model = ModelConfig(student=dirs["llama"], teacher=dirs["qwen3"],
+                            teacher_parallel=ParallelConfig(1, teacher_pp))
+        cfg = _config(dirs, train_file, f"{root}/teacher_pp{teacher_pp}", pp=1, model=model,
+                      distill=DistillConfig(lmbda=0.0, beta=0.5, loss="topk", topk=16))
+        out[teacher_pp] = _history(run_distillation(cfg))
+    return out
+
+
+@pytest.mark.multirank
+def test_teacher_on_its_own_pipeline_equals_a_whole_teacher(tiny_model_dirs, train_file,
+                                                            tmp_path):
+    ranks = run_ranks(_teacher_pp_body, world_size=2, timeout=600, dirs=tiny_model_dirs,
+                      train_file=train_file, root=str(tmp_path))
+    for out in ranks:
+        for whole, piped in zip(out[1], out[2], strict=True):
+            # loss, grad norm and teacher NLL; the KL metrics are full-vocabulary on one
+            # layout and over top-k buckets across layouts, by definition.
+            loss, norm, _, nll = piped
+            assert (loss, norm, nll) == pytest.approx((whole[0], whole[1], whole[3]),
+                                                      rel=1e-5, abs=1e-6)
+    assert ranks[0] == ranks[1]
+
+
 def _export_at_tp1(cfg: RunConfig, export_dir: str) -> None:
     """The reference: the same checkpoint restored and exported in a world of one."""
     from nemo_opd.launch.plans import ExportPlan
@@ -152,9 +187,9 @@ def test_bad_layouts_refused_before_weights_load(tiny_model_dirs, train_file, tm
         _bad(tiny_model_dirs, train_file, str(tmp_path), model=ModelConfig(
             student="s", student_parallel=ParallelConfig(1, 2),
             teacher_parallel=ParallelConfig(1, 2)), distill=DistillConfig(lmbda=0.5))
-    with pytest.raises(ValueError, match="teacher_parallel.pipeline_model_parallel_size = 1"):
+    with pytest.raises(ValueError, match="loss = 'full' needs the teacher's layout"):
         _bad(tiny_model_dirs, train_file, str(tmp_path), model=ModelConfig(
-            student="s", student_parallel=ParallelConfig(1, 2)))
+            student="s", teacher_parallel=ParallelConfig(1, 2)))
     with pytest.raises(ValueError, match="sequence_parallel.*tensor_model_parallel_size > 1"):
         ParallelConfig(1, 1, sequence_parallel=True)
     config = read_hf_config(tiny_model_dirs["llama"])  # 2 layers

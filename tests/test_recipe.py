@@ -38,6 +38,9 @@ def _nemo_run(job: dict[str, Path], output_dir: Path, *extra: str) -> subprocess
     return proc
 
 
+ROWS = ["teacher", "PTQ int4", "on-policy QAT (int4)", "export int4 (HF dequantised)"]
+
+
 def _rows(output_dir: Path) -> dict[str, dict]:
     table = json.loads((output_dir / "results.json").read_text())["table"]
     return {row["run"]: row for row in table["rows"]}
@@ -53,8 +56,7 @@ def tp1(job) -> Path:
 def test_tp1_end_to_end_writes_every_row(job, tp1):
     report = json.loads((tp1 / "results.json").read_text())
     rows = _rows(tp1)
-    assert list(rows) == ["teacher", "PTQ int4", "on-policy QAT (int4)",
-                          "export int4 (HF dequantised)"]
+    assert list(rows) == ROWS
     assert [r["role"] for r in rows.values()] == ["teacher", "ptq", "student", "student"]
     for record in report["records"]:  # every task, 40 documents each
         assert {k: v["n"] for k, v in record["tasks"].items()} == {"arith_gen": 40,
@@ -109,7 +111,7 @@ def test_tp2_through_the_local_torchrun_executor(job, tp1):
               "model.teacher_parallel.tensor_model_parallel_size=2")
     rows, reference = _rows(out), _rows(tp1)
     # The export is restored whole (TP=1) from the final checkpoint on both ranks.
-    assert list(rows) == list(reference)
+    assert list(rows) == ROWS
     for run in ("teacher", "PTQ int4"):  # deterministic evaluations: TP=2 equals TP=1
         assert rows[run]["values"] == pytest.approx(reference[run]["values"])
     student, export = rows["on-policy QAT (int4)"], rows["export int4 (HF dequantised)"]
@@ -126,7 +128,7 @@ def test_pp2_off_policy_through_the_local_torchrun_executor(job, tp1):
               "model.teacher_parallel.pipeline_model_parallel_size=2", "distill.lmbda=0.0",
               "distill.beta=0.0")
     rows, reference = _rows(out), _rows(tp1)
-    assert list(rows) == list(reference)
+    assert list(rows) == ROWS
     for run in ("teacher", "PTQ int4"):  # the same whole models as at TP=PP=1
         assert rows[run]["values"] == pytest.approx(reference[run]["values"])
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

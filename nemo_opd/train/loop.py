@@ -152,9 +152,7 @@ class Trainer:
             teacher_tp_group=teacher_tp_group,
             same_layout=cfg.model.teacher_parallel == cfg.model.student_parallel,
             teacher_context=TeacherContext(context), anchor=anchor,
-            teacher_batch_group=teacher_tp_group if (
-                cfg.model.teacher_parallel.tensor_model_parallel_size
-                > cfg.model.student_parallel.tensor_model_parallel_size) else None)
+            teacher_batch_group=_teacher_batch_group(cfg, teacher_pg, teacher_tp_group))
         self.cache = (TeacherTopKCache(cfg.distill.teacher_cache_dir, cfg.distill.topk,
                                        cfg.distill.temperature)
                       if cfg.distill.teacher_cache_dir else None)
@@ -389,6 +387,21 @@ class Trainer:
                            evaluations=evaluations, last_checkpoint=self.last_checkpoint,
                            metrics_file=sink.jsonl_path, output_dir=Path(cfg.output_dir),
                            preempted=preempted)
+
+
+def _teacher_batch_group(cfg: RunConfig, teacher_pg: Any, teacher_tp_group: Any) -> Any:
+    """The group whose student batches one teacher forward scores together (None: each rank
+    its own): a teacher pipeline on another layout than the student's takes its whole
+    model-parallel group (its first stage must see every batch its last stage answers for);
+    a larger teacher TP group its TP group."""
+    teacher, student = cfg.model.teacher_parallel, cfg.model.student_parallel
+    if teacher == student:
+        return None
+    if teacher.pipeline_model_parallel_size > 1:
+        return teacher_pg.mp
+    if teacher.tensor_model_parallel_size > student.tensor_model_parallel_size:
+        return teacher_tp_group
+    return None
 
 
 _RESUME_MUST_MATCH = ("model", "quant", "distill", "data", "seed")

@@ -161,15 +161,45 @@ def _gather_rows(x: torch.Tensor, group: dist.ProcessGroup, fill: float | int = 
     return torch.cat(parts)
 
 
+def _teacher_scores(models: ScoringModels, t_logits: torch.Tensor, targets: torch.Tensor,
+                    mask: torch.Tensor, cfg: DistillConfig) -> dict[str, torch.Tensor]:
+    """Per-row teacher outputs of ``[N, T-1]`` positions: ``nll`` (log-probs of the targets at
+    temperature 1, masked), ``lp`` (at the loss temperature, "sampled" loss), ``top_*`` (top-k
+    and tail, when the student cannot read the teacher's logits directly or loss="topk")."""
+    t_group = models.teacher_tp_group
+    scores = {"nll": vocab_parallel_logprobs(t_logits, targets, mask=mask, tp_group=t_group)}
+    if cfg.loss == "sampled":
+        scores["lp"] = vocab_parallel_logprobs(t_logits, targets, temperature=cfg.temperature,
+                                               mask=mask, tp_group=t_group)
+    if cfg.loss == "topk" or not models.same_layout:
+        top = teacher_topk(t_logits, cfg.topk, temperature=cfg.temperature, tp_group=t_group)
+        scores.update(top_logprobs=top.logprobs, top_log_tail=top.log_tail,
+                      top_indices=top.indices)
+    return scores
+
+
+def _from_teacher_last_stage(models: ScoringModels, scores: dict[str, torch.Tensor] | None,
+                             device: torch.device) -> dict[str, torch.Tensor]:
+    """The teacher's last pipeline stage's ``scores`` on all its stages (top-k sized: the
+    full-vocabulary logits never travel)."""
+    group = models.teacher.pg_collection.pp
+    box = [None if scores is None else {k: v.cpu() for k, v in scores.items()}]
+    dist.broadcast_object_list(box, src=last_stage_rank(models.teacher), group=group)
+    return {k: v.to(device) for k, v in box[0].items()}
+
+
 def _teacher_side(models: ScoringModels, tokens: torch.Tensor, mask: torch.Tensor,
                   cfg: DistillConfig) -> tuple[torch.Tensor | None, TeacherTopK | None,
                                                torch.Tensor | None, float]:
     """``(teacher logits on the student's layout or None, top-k or None, log-probs of the
     scored tokens for the sampled loss or None, teacher NLL)`` for this rank's ``tokens``.
 
-    A teacher whose TP group spans several student data-parallel ranks (teacher TP > student
-    TP) scores the batches of all of them at once: tokens are all-gathered over its group,
-    and each rank keeps its own rows of the (replicated) top-k / log-probs.
+    Same layout: the teacher's logits are the student's shards; at PP > 1 they exist on the
+    last stage only, where the student's loss is computed (other stages get Nones). Another
+    layout: only top-k / log-probs reach the student. A teacher whose group spans several
+    student batches (``teacher_batch_group``: teacher TP > student TP, or a teacher pipeline)
+    scores all of them at once: tokens are all-gathered over the group, a pipelined teacher's
+    last stage broadcasts its outputs to the other stages, and each rank keeps its own rows.
     """
     group = models.teacher_batch_group
     rows = slice(None)
@@ -180,29 +210,21 @@ def _teacher_side(models: ScoringModels, tokens: torch.Tensor, mask: torch.Tenso
         rows = slice(start, start + batch)
         tokens = _gather_rows(tokens, group)
         mask = _gather_rows(mask, group, False)
-    t_group = models.teacher_tp_group
     t_logits = _teacher_forward(models, tokens)
-    if t_logits is None:  # not the last pipeline stage: the loss is computed elsewhere
+    if t_logits is None and models.same_layout:  # the loss is computed on another stage
         return None, None, None, math.nan
-    targets = tokens[:, 1:]
+    scores = (None if t_logits is None
+              else _teacher_scores(models, t_logits, tokens[:, 1:], mask, cfg))
+    if not models.same_layout and models.teacher.pg_collection.pp.size() > 1:
+        scores = _from_teacher_last_stage(models, scores, tokens.device)
     n = own.shape[1] - 1  # this rank's prediction positions
-
-    def own_rows(x: torch.Tensor) -> torch.Tensor:
-        return x[rows, :n]
-
-    nll = own_rows(vocab_parallel_logprobs(t_logits, targets, mask=mask, tp_group=t_group))
-    own_mask = own_rows(mask)
-    teacher_nll = float(-nll.sum() / own_mask.sum().clamp(min=1))
-    teacher_lp = top = None
-    if cfg.loss == "sampled":
-        teacher_lp = own_rows(vocab_parallel_logprobs(
-            t_logits, targets, temperature=cfg.temperature, mask=mask, tp_group=t_group))
-    if cfg.loss == "topk" or not models.same_layout:
-        full = teacher_topk(t_logits, cfg.topk, temperature=cfg.temperature, tp_group=t_group)
-        top = TeacherTopK(own_rows(full.logprobs), own_rows(full.log_tail),
-                          own_rows(full.indices), full.temperature)
+    own_rows = {k: v[rows, :n] for k, v in scores.items()}
+    teacher_nll = float(-own_rows["nll"].sum() / mask[rows, :n].sum().clamp(min=1))
+    top = (TeacherTopK(own_rows["top_logprobs"], own_rows["top_log_tail"],
+                       own_rows["top_indices"], cfg.temperature)
+           if "top_indices" in own_rows else None)
     # Sharded on another group, only the top-k / log-probs travel.
-    return (t_logits if models.same_layout else None), top, teacher_lp, teacher_nll
+    return (t_logits if models.same_layout else None), top, own_rows.get("lp"), teacher_nll
 
 
 def score_batch(models: ScoringModels, batch: SequenceBatch, cfg: DistillConfig, *,
