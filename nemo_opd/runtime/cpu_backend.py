@@ -36,6 +36,10 @@ On a GPU machine nothing here runs.
    there is no CUDA generator: the getter returns an empty state and the setter ignores it,
    while the CPU generator and the (CPU) tracker states are saved and restored as on GPU, so a
    recomputed forward draws the same numbers.
+7. **CUDA streams in DDP (megatron-core >= 0.19).** ``_ParamAndGradBucketGroup.start_grad_sync``
+   begins with ``torch.cuda.current_stream()`` (to wait on CUDA-graph events that never exist
+   on CPU), so every gradient reduction would raise. Without CUDA ``torch.cuda.current_stream``
+   returns a null stream whose waits and synchronize do nothing: CPU work is already ordered.
 """
 
 from __future__ import annotations
@@ -122,6 +126,23 @@ def _ignore_cuda_rng_state(*args: object, **kwargs: object) -> None:
     return None
 
 
+class _NullStream:
+    """What ``torch.cuda.current_stream()`` returns without CUDA (accommodation 7)."""
+
+    def wait_event(self, event: object) -> None:
+        return None
+
+    def wait_stream(self, stream: object) -> None:
+        return None
+
+    def synchronize(self) -> None:
+        return None
+
+
+def _null_stream(device: object = None) -> _NullStream:
+    return _NullStream()
+
+
 def install_cpu_rng_tracker() -> None:
     """Make megatron's global RNG tracker a :class:`CpuRNGStatesTracker` (resetting its states)."""
     mcore_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
@@ -136,6 +157,7 @@ def apply_cpu_accommodations() -> None:
     install_cpu_rng_tracker()
     torch.cuda.current_device = _cpu_current_device
     torch.cuda.synchronize = _no_synchronize
+    torch.cuda.current_stream = _null_stream
     mcore_random._get_cuda_rng_state = _no_cuda_rng_state
     mcore_random._set_cuda_rng_state = _ignore_cuda_rng_state
     fused_softmax.get_default_causal_mask = _causal_mask

@@ -269,8 +269,13 @@ _LAYOUT_OVERRIDES = (
 )
 """megatron's override of a global rank or size: (its variable, its setter, the group of
 ``groups`` it takes, rank (True) or size)."""
-_GLOBAL_GROUPS = {"_TENSOR_MODEL_PARALLEL_GROUP": "tp", "_PIPELINE_MODEL_PARALLEL_GROUP": "pp",
-                  "_DATA_PARALLEL_GROUP": "dp", "_DATA_PARALLEL_GROUP_WITH_CP": "dp_cp"}
+_GLOBAL_GROUPS = {name: attr for name, attr in (
+    ("_TENSOR_MODEL_PARALLEL_GROUP", "tp"), ("_PIPELINE_MODEL_PARALLEL_GROUP", "pp"),
+    ("_DATA_PARALLEL_GROUP", "dp"), ("_DATA_PARALLEL_GROUP_WITH_CP", "dp_cp"),
+    # megatron-core >= 0.19 reads these by default (GTP weight-remat axis, size 1 here).
+    ("_DATA_PARALLEL_GROUP_WITH_GTP_REMAT", "dp"),
+    ("_DATA_PARALLEL_GROUP_WITH_CP_WITH_GTP_REMAT", "dp_cp"),
+) if hasattr(parallel_state, name)}
 """megatron's global process groups (no setters) and the member of ``groups`` each takes."""
 
 
