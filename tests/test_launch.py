@@ -155,7 +155,7 @@ def test_presets_and_unknown_preset(recipe):
 def test_check_validates_the_whole_config(recipe):
     task = recipe.tiny()
     apply_overrides(task, ["model.student_parallel.tensor_model_parallel_size=2"])
-    with pytest.raises(ValueError, match="needs the teacher's TP size"):  # RunConfig's own check
+    with pytest.raises(ValueError, match="needs the teacher's layout"):  # RunConfig's own check
         recipe.check(built_arguments(task), local_executor(2))
     apply_overrides(task, ["model.teacher_parallel.tensor_model_parallel_size=2"])
     recipe.check(built_arguments(task), local_executor(2))

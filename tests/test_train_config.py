@@ -61,7 +61,7 @@ MODEL = ModelConfig(student="student_dir", teacher="teacher_dir")
      "'teacher_seeded' needs teacher TP (2) <= student TP (1)"),
     (lambda: RunConfig(model=dataclasses.replace(
         MODEL, student_parallel=ParallelConfig(2), teacher_parallel=ParallelConfig(1)),
-        data=DATA), "DistillConfig.loss = 'full' needs the teacher's TP size (1)"),
+        data=DATA), "DistillConfig.loss = 'full' needs the teacher's layout"),
     (lambda: RunConfig(model=MODEL, data=dataclasses.replace(DATA, response_field=""),
                        distill=DistillConfig(lmbda=0.5)),
      "DataConfig.response_field = '' (prompts only) but the run needs dataset responses"),
