@@ -22,7 +22,7 @@ from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 
 from nemo_opd.runtime.cpu_backend import cpu_device_scope
 
-__all__ = ["pipeline_size", "is_last_stage", "last_stage_rank", "model_logits",
+__all__ = ["pipeline_size", "last_stage_rank", "model_logits",
            "forward_logits", "forward_backward"]
 
 LossFn = Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, Any]]]
@@ -31,11 +31,6 @@ LossFn = Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, Any]]]
 
 def pipeline_size(model: torch.nn.Module) -> int:
     return model.pg_collection.pp.size()
-
-
-def is_last_stage(model: torch.nn.Module) -> bool:
-    pp = model.pg_collection.pp
-    return pp.rank() == pp.size() - 1
 
 
 def last_stage_rank(model: torch.nn.Module) -> int:
@@ -58,14 +53,8 @@ def _schedule(model: torch.nn.Module, tokens: torch.Tensor, loss_fn: LossFn | No
     def forward_step(data_iterator: Any, stage: torch.nn.Module) -> tuple[torch.Tensor, Any]:
         batch = next(data_iterator)
         positions = torch.arange(batch.shape[1], device=batch.device).expand_as(batch)
-        output = stage(batch, positions, attention_mask=None)
-        if loss_fn is None:
-            return output, None  # the schedule keeps the last stage's output as it is
-
-        def loss(logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
-            return loss_fn(logits)
-
-        return output, loss
+        # With loss_fn None the schedule keeps the last stage's output (the logits) as is.
+        return stage(batch, positions, attention_mask=None), loss_fn
 
     schedule = get_forward_backward_func(pp_size=groups.pp.size(), vp_size=None)
     kwargs = {}
