@@ -41,7 +41,7 @@ class PlainAdam(CpuMixedPrecisionAdam):
 
     @torch.no_grad()
     def prepare_grads(self) -> bool:
-        for param, _ in self._pairs():
+        for param, _ in self.pairs:
             param.grad = param.main_grad.to(param.dtype)
         return False
 

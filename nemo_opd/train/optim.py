@@ -118,13 +118,17 @@ class CpuMixedPrecisionAdam:
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the student has no trainable parameter")
-        self.model_params = [[p for p in params if p.dim() >= 2],
-                             [p for p in params if p.dim() < 2]]
-        self.model_params = [g for g in self.model_params if g]
-        self.masters = [[self._master(p) for p in group] for group in self.model_params]
-        groups = [{"params": masters, "wd_mult": 1.0 if group[0].dim() >= 2 else 0.0,
+        # megatron's groups: matrices decay, vectors do not; empty groups are left out.
+        self.model_params = [group for group in ([p for p in params if p.dim() >= 2],
+                                                 [p for p in params if p.dim() < 2]) if group]
+        masters = [[self._master(p) for p in group] for group in self.model_params]
+        self.pairs = list(zip(chain.from_iterable(self.model_params),
+                              chain.from_iterable(masters), strict=True))
+        """(model parameter, its fp32 master) in optimizer order; a master is the parameter
+        itself for fp32 parameters."""
+        groups = [{"params": group_masters, "wd_mult": 1.0 if group[0].dim() >= 2 else 0.0,
                    "lr_mult": 1.0, "weight_decay": cfg.weight_decay}
-                  for group, masters in zip(self.model_params, self.masters, strict=True)]
+                  for group, group_masters in zip(self.model_params, masters, strict=True)]
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1,
                                                                      cfg.adam_beta2),
                                            eps=cfg.adam_eps, foreach=False)
@@ -149,15 +153,11 @@ class CpuMixedPrecisionAdam:
     def param_groups(self) -> list[dict[str, Any]]:
         return self.optimizer.param_groups
 
-    def _pairs(self) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
-        return list(zip(chain.from_iterable(self.model_params),
-                        chain.from_iterable(self.masters), strict=True))
-
     def get_loss_scale(self) -> float:
         return self.loss_scaler.scale if self.loss_scaler else self.fixed_loss_scale
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        for param, master in self._pairs():
+        for param, master in self.pairs:
             param.grad = None
             master.grad = None
 
@@ -166,14 +166,14 @@ class CpuMixedPrecisionAdam:
         """Point each master's ``.grad`` at its fp32 gradient and unscale it (fp16); returns
         whether a gradient is non-finite on any rank (then fp16 skips the step)."""
         inverse = 1.0 / self.get_loss_scale()
-        for param, master in self._pairs():
+        for param, master in self.pairs:
             grad = param.main_grad if hasattr(param, "main_grad") else param.grad
             master.grad = None if grad is None else grad.float()
             if master.grad is not None and inverse != 1.0:
                 master.grad.mul_(inverse)
-        if self.get_loss_scale() == 1.0 and self.loss_scaler is None:
-            return False
-        found = torch.tensor([0.0 if all(torch.isfinite(m.grad).all() for _, m in self._pairs()
+        if self.loss_scaler is None and self.fixed_loss_scale == 1.0:
+            return False  # bf16 / fp32: megatron checks for inf only with a loss scale
+        found = torch.tensor([0.0 if all(torch.isfinite(m.grad).all() for _, m in self.pairs
                                           if m.grad is not None) else 1.0])
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(found, op=dist.ReduceOp.MAX)
@@ -187,7 +187,7 @@ class CpuMixedPrecisionAdam:
         """L2 norm of all master gradients: TP shards counted once, shared copies once, summed
         over the model-parallel group (TP × PP) in float64."""
         total = torch.zeros((), dtype=torch.float64)
-        for _, master in self._pairs():
+        for _, master in self.pairs:
             if (master.grad is not None and param_is_not_shared(master)
                     and param_is_not_tensor_parallel_duplicate(master)):
                 total += master.grad.double().pow(2).sum()
@@ -203,7 +203,7 @@ class CpuMixedPrecisionAdam:
         norm = self.get_grad_norm()
         factor = clip_grad / (norm + 1e-6)
         if math.isfinite(norm) and factor < 1.0:
-            for _, master in self._pairs():
+            for _, master in self.pairs:
                 if master.grad is not None:
                     master.grad.mul_(factor)
         return norm
@@ -212,7 +212,7 @@ class CpuMixedPrecisionAdam:
     def step_with_ready_grads(self) -> bool:
         """AdamW on the fp32 masters, then round them into the model's parameters."""
         self.optimizer.step()
-        for param, master in self._pairs():
+        for param, master in self.pairs:
             if param is not master:
                 param.data.copy_(master)
         return True
@@ -240,7 +240,7 @@ class CpuMixedPrecisionAdam:
         state["optimizer"]["state"]["common_step"] = step
         state["fp32_from_fp16_params"] = [
             make_sharded_optimizer_tensor(id_map[i], master, prefix="optimizer.state.fp32_param")
-            for i, (param, master) in enumerate(self._pairs()) if param is not master]
+            for i, (param, master) in enumerate(self.pairs) if param is not master]
         if self.loss_scaler is not None:
             state["grad_scaler"] = self.loss_scaler.state_dict()
         return state
@@ -253,7 +253,7 @@ class CpuMixedPrecisionAdam:
         self.optimizer.load_state_dict(optimizer_state)
         masters = iter(state["fp32_from_fp16_params"])
         with torch.no_grad():
-            for param, master in self._pairs():
+            for param, master in self.pairs:
                 if param is not master:
                     master.copy_(next(masters))
         if self.loss_scaler is not None and "grad_scaler" in state:
