@@ -31,6 +31,18 @@ def tiny_model_dirs(tmp_path_factory, tiny_tokenizer) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
+def tiny_moe_model_dir(tmp_path_factory, tiny_tokenizer) -> str:
+    """A tiny Qwen3-MoE: 3 layers, the middle one dense (``mlp_only_layers``), 4 experts of
+    width 32, top-2 renormalised, head_dim 24 != hidden / heads."""
+    from nemo_opd.models.tiny import MOE_FAMILY, TinyModelSpec, make_tiny_hf_model
+
+    spec = TinyModelSpec(num_hidden_layers=3, head_dim=24, mlp_only_layers=(1,))
+    root = tmp_path_factory.mktemp("tiny_moe")
+    return str(make_tiny_hf_model(root / MOE_FAMILY, MOE_FAMILY, spec, seed=5,
+                                  tokenizer=tiny_tokenizer))
+
+
+@pytest.fixture(scope="session")
 def tiny_quant_model_dir(tmp_path_factory, tiny_tokenizer) -> str:
     """A tiny Qwen3 wide enough for INT4 block 128 at TP=2 (every local input dim % 128 == 0)."""
     from nemo_opd.models.tiny import TinyModelSpec, make_tiny_hf_model

@@ -26,11 +26,18 @@ class ArchitectureTraits:
     default_qkv_bias: bool = False
     """Bias on q/k/v when the config does not say (Qwen2 always has one)."""
 
+    moe: bool = False
+    """Mixture-of-experts MLPs (``num_experts``, ``num_experts_per_tok``,
+    ``moe_intermediate_size``, ``decoder_sparse_step``, ``mlp_only_layers``, ``norm_topk_prob``;
+    no shared experts), built with megatron-core's MoE layers."""
+
 
 ARCHITECTURES: dict[str, ArchitectureTraits] = {
     "LlamaForCausalLM": ArchitectureTraits(qkv_bias_field="attention_bias"),
     "Qwen2ForCausalLM": ArchitectureTraits(default_qkv_bias=True),
     "Qwen3ForCausalLM": ArchitectureTraits(qk_layernorm=True, qkv_bias_field="attention_bias"),
+    "Qwen3MoeForCausalLM": ArchitectureTraits(qk_layernorm=True, qkv_bias_field="attention_bias",
+                                              moe=True),
 }
 
 
@@ -41,5 +48,6 @@ def architecture_traits(architecture: str) -> ArchitectureTraits:
     except KeyError:
         supported = ", ".join(sorted(ARCHITECTURES))
         raise ValueError(
-            f"unsupported architecture {architecture!r}; supported: {supported}"
+            f"unsupported architecture {architecture!r}: no mapping onto megatron-core's "
+            f"GPTModel here or in ModelOpt's importer; supported: {supported}"
         ) from None

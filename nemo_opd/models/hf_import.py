@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.util
-import json
 import logging
 from pathlib import Path
 
@@ -25,14 +24,17 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_decoder_block_spec,
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
 )
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from nemo_opd.models.architectures import architecture_traits
+from nemo_opd.models.hf_config import HFModelConfig, check_parallel_fits, read_hf_config
+from nemo_opd.models.vocab import PaddedVocabImporter, mask_padded_vocab
 from nemo_opd.runtime import ParallelConfig, model_parallel_layout
 
 __all__ = [
@@ -47,108 +49,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-# megatron's llama3 RoPE scaling hard-codes these (RotaryEmbedding._apply_scaling).
-_MEGATRON_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                         "original_max_position_embeddings": 8192}
-
-
-@dataclasses.dataclass(frozen=True)
-class HFModelConfig:
-    """The fields of an HF ``config.json`` that shape a megatron ``GPTModel``."""
-
-    architecture: str
-    vocab_size: int
-    hidden_size: int
-    ffn_hidden_size: int
-    num_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    rope_theta: float
-    rope_scaling_factor: float | None
-    tie_word_embeddings: bool
-    max_position_embeddings: int
-    qkv_bias: bool
-    qk_layernorm: bool
-
-
-def _rope(raw: dict, config_path: Path) -> tuple[float, float | None]:
-    # transformers <5 writes rope_theta + rope_scaling; 5.x writes one rope_parameters dict.
-    params = raw.get("rope_parameters") or {}
-    scaling = raw.get("rope_scaling") or params
-    theta = float(raw.get("rope_theta", params.get("rope_theta", 10000.0)))
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind in (None, "default"):
-        return theta, None
-    if kind == "llama3" and all(
-        float(scaling.get(k, v)) == v for k, v in _MEGATRON_LLAMA3_ROPE.items()
-    ):
-        return theta, float(scaling["factor"])
-    raise ValueError(
-        f"{config_path}: RoPE scaling {scaling} is not supported; supported: none, or 'llama3' "
-        f"with {_MEGATRON_LLAMA3_ROPE} (what megatron-core implements)"
-    )
-
-
-def read_hf_config(model_dir: str | Path) -> HFModelConfig:
-    """Parse ``model_dir/config.json``; raises before any weight is touched if it cannot be used."""
-    model_dir = Path(model_dir)
-    config_path = model_dir / "config.json"
-    if not model_dir.is_dir():
-        raise FileNotFoundError(f"model directory {model_dir} does not exist")
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{model_dir} has no config.json; expected a Hugging Face model "
-                                "directory written by save_pretrained")
-    raw = json.loads(config_path.read_text())
-    architectures = raw.get("architectures") or []
-    if len(architectures) != 1:
-        raise ValueError(f"{config_path}: expected exactly one entry in 'architectures', "
-                         f"got {architectures!r}")
-    traits = architecture_traits(architectures[0])
-    heads = int(raw["num_attention_heads"])
-    rope_theta, rope_scaling_factor = _rope(raw, config_path)
-    qkv_bias = traits.default_qkv_bias
-    if traits.qkv_bias_field is not None:
-        qkv_bias = bool(raw.get(traits.qkv_bias_field, qkv_bias))
-    return HFModelConfig(
-        architecture=architectures[0],
-        vocab_size=int(raw["vocab_size"]),
-        hidden_size=int(raw["hidden_size"]),
-        ffn_hidden_size=int(raw["intermediate_size"]),
-        num_layers=int(raw["num_hidden_layers"]),
-        num_attention_heads=heads,
-        num_key_value_heads=int(raw.get("num_key_value_heads") or heads),
-        head_dim=int(raw.get("head_dim") or raw["hidden_size"] // heads),
-        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-        rope_theta=rope_theta,
-        rope_scaling_factor=rope_scaling_factor,
-        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-        max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
-        qkv_bias=qkv_bias,
-        qk_layernorm=traits.qk_layernorm,
-    )
-
-
-def check_parallel_fits(config: HFModelConfig, parallel: ParallelConfig) -> None:
-    """Raise ``ValueError`` naming the value and the constraint if ``parallel`` cannot shard it."""
-    tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
-    problems = [
-        f"{name} = {value} is not divisible by tensor_model_parallel_size = {tp}"
-        for name, value in (("num_attention_heads", config.num_attention_heads),
-                            ("num_key_value_heads", config.num_key_value_heads),
-                            ("vocab_size", config.vocab_size),
-                            ("intermediate_size", config.ffn_hidden_size))
-        if value % tp
-    ]
-    if config.num_layers % pp:
-        problems.append(f"num_hidden_layers = {config.num_layers} is not divisible by "
-                        f"pipeline_model_parallel_size = {pp}")
-    if problems:
-        raise ValueError(f"{config.architecture}: parallel layout does not fit the model: "
-                         + "; ".join(problems))
-
 
 @dataclasses.dataclass(frozen=True)
 class RecomputeConfig:
@@ -192,6 +92,7 @@ def transformer_config(config: HFModelConfig, parallel: ParallelConfig,
     recompute_fields = (recompute or RecomputeConfig()).megatron_fields(
         config.num_layers // parallel.pipeline_model_parallel_size)
     on_gpu = torch.cuda.is_available()
+    moe_fields = _moe_fields(config, parallel) if config.is_moe else {}
     return TransformerConfig(
         num_layers=config.num_layers,
         hidden_size=config.hidden_size,
@@ -229,16 +130,50 @@ def transformer_config(config: HFModelConfig, parallel: ParallelConfig,
             persist_layer_norm=False,
         )),
         **recompute_fields,
+        **moe_fields,
     )
 
 
-def _layer_spec(config: TransformerConfig, quantizable: bool) -> ModuleSpec:
+def _moe_fields(config: HFModelConfig, parallel: ParallelConfig) -> dict:
+    """megatron's MoE fields for ``config``: dropless top-k routing in fp32 like HF's, no load
+    balancing loss (MoE models here are frozen teachers), experts as a ``SequentialMLP`` of
+    plain linears (what ModelOpt's importer maps), the all-to-all token dispatcher (the
+    all-gather one reduce-scatters, which gloo lacks)."""
+    return dict(
+        num_moe_experts=config.num_experts,
+        moe_router_topk=config.experts_per_token,
+        moe_ffn_hidden_size=config.moe_ffn_hidden_size,
+        moe_layer_freq=[int(i in config.moe_layers) for i in range(config.num_layers)],
+        # Softmax over all experts then top-k (HF's norm_topk_prob=False); else softmax over the
+        # top-k logits, which equals HF's renormalised top-k probabilities.
+        moe_router_pre_softmax=not config.norm_topk_prob,
+        moe_router_dtype="fp32",
+        moe_router_load_balancing_type="none",
+        moe_aux_loss_coeff=0.0,
+        moe_token_dispatcher_type="alltoall",
+        moe_grouped_gemm=False,
+        expert_model_parallel_size=parallel.expert_model_parallel_size,
+        expert_tensor_parallel_size=parallel.tensor_model_parallel_size,
+    )
+
+
+def _layer_spec(config: TransformerConfig, quantizable: bool,
+                pg_collection: ProcessGroupCollection | None
+                ) -> ModuleSpec | TransformerBlockSubmodules:
     """Local spec on CPU. With CUDA and Transformer Engine: ModelOpt's TE-compatible spec for a
     model ModelOpt will quantize (plain linears it can swap), megatron's full TE spec (fused
     norm + linear) for one it will not (a frozen teacher). Without TE the local spec runs on
     GPU too: the ModelOpt spec imports without TE and fails only when a layer is built (seen on
-    an H100 without TE), so TE itself is what is asked for."""
-    if torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None:
+    an H100 without TE), so TE itself is what is asked for. An MoE model gets megatron's
+    per-layer block spec (MoE and dense layers as ``moe_layer_freq`` says) for this rank's
+    pipeline stage."""
+    use_te = (torch.cuda.is_available()
+              and importlib.util.find_spec("transformer_engine") is not None)
+    if config.num_moe_experts:
+        pp_rank = None if pg_collection is None else pg_collection.pp.rank()
+        return get_gpt_decoder_block_spec(config, use_transformer_engine=use_te,
+                                          normalization="RMSNorm", pp_rank=pp_rank)
+    if use_te:
         if not quantizable:
             return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
         from megatron.core.post_training.modelopt.gpt.model_specs import get_gpt_modelopt_spec
@@ -274,8 +209,8 @@ def build_gpt_model(config: HFModelConfig, parallel: ParallelConfig | None = Non
     pre_process, post_process = _pipeline_stage(pg_collection)
     model = GPTModel(
         config=tconfig,
-        transformer_layer_spec=_layer_spec(tconfig, quantizable),
-        vocab_size=config.vocab_size,
+        transformer_layer_spec=_layer_spec(tconfig, quantizable, pg_collection),
+        vocab_size=config.padded_vocab_size(parallel.tensor_model_parallel_size),
         max_sequence_length=config.max_position_embeddings,
         parallel_output=True,
         share_embeddings_and_output_weights=config.tie_word_embeddings,
@@ -287,6 +222,7 @@ def build_gpt_model(config: HFModelConfig, parallel: ParallelConfig | None = Non
         post_process=post_process,
         pg_collection=pg_collection,
     )
+    mask_padded_vocab(model, config.vocab_size)
     if torch.cuda.is_available():
         model.cuda()
     return model
@@ -302,15 +238,13 @@ def load_hf_gpt(model_dir: str | Path, parallel: ParallelConfig | None = None, *
     Raises ``FileNotFoundError``/``ValueError`` for a missing ``config.json``, an unsupported
     architecture or a layout that does not fit, before any weight is read.
     """
-    from modelopt.torch.export import import_mcore_gpt_from_hf
-
     config = read_hf_config(model_dir)
     model = build_gpt_model(config, parallel, dtype=dtype, pg_collection=pg_collection,
                             recompute=recompute, quantizable=quantizable)
     layout = (model_parallel_layout(pg_collection) if pg_collection is not None
               else contextlib.nullcontext())
     with layout:
-        import_mcore_gpt_from_hf(model, str(model_dir), dtype=dtype)
+        PaddedVocabImporter(model, str(model_dir), dtype=dtype).import_weights()
     logger.info("loaded %s from %s (%s)", config.architecture, model_dir, dtype)
     return model
 

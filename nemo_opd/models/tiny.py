@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["TinyModelSpec", "TINY_FAMILIES", "make_tiny_tokenizer", "make_tiny_hf_model",
+__all__ = ["TinyModelSpec", "TINY_FAMILIES", "MOE_FAMILY", "make_tiny_tokenizer", "make_tiny_hf_model",
            "synthetic_corpus"]
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
@@ -32,9 +32,24 @@ class TinyModelSpec:
     tie_word_embeddings: bool = False
     vocab_multiple: int = 128
     """The model's vocab is the tokenizer's rounded up to this (as real models pad theirs)."""
+    head_dim: int | None = None
+    """Per-head width; ``hidden_size / num_attention_heads`` when None."""
+    num_experts: int = 4
+    """``qwen3_moe``: routed experts per MoE layer."""
+    experts_per_token: int = 2
+    """``qwen3_moe``: experts each token goes to."""
+    moe_intermediate_size: int = 32
+    """``qwen3_moe``: width of each expert."""
+    mlp_only_layers: tuple[int, ...] = ()
+    """``qwen3_moe``: layers that keep the dense MLP."""
+    norm_topk_prob: bool = True
+    """``qwen3_moe``: renormalise the top-k routing probabilities."""
 
 
 TINY_FAMILIES = ("llama", "qwen3")
+"""The dense families every test suite builds."""
+MOE_FAMILY = "qwen3_moe"
+"""The mixture-of-experts family (a Qwen3-30B-A3B-shaped teacher in miniature)."""
 
 _WORDS = ("the a one two three four five six seven eight nine ten cat dog bird fish red blue green "
           "small big fast slow runs sees eats likes has is and or not plus minus equals answer "
@@ -71,7 +86,7 @@ def make_tiny_tokenizer(vocab_size: int = 384, seed: int = 0):
 
 
 def _hf_config(family: str, spec: TinyModelSpec, vocab_size: int, tokenizer):
-    from transformers import LlamaConfig, Qwen3Config
+    from transformers import LlamaConfig, Qwen3Config, Qwen3MoeConfig
 
     common = dict(
         vocab_size=vocab_size, hidden_size=spec.hidden_size,
@@ -84,10 +99,17 @@ def _hf_config(family: str, spec: TinyModelSpec, vocab_size: int, tokenizer):
     )
     if family == "llama":
         return LlamaConfig(**common, architectures=["LlamaForCausalLM"])
+    head_dim = spec.head_dim or spec.hidden_size // spec.num_attention_heads
     if family == "qwen3":
-        return Qwen3Config(**common, head_dim=spec.hidden_size // spec.num_attention_heads,
-                           architectures=["Qwen3ForCausalLM"])
-    raise ValueError(f"unknown tiny family {family!r}; choose from {TINY_FAMILIES}")
+        return Qwen3Config(**common, head_dim=head_dim, architectures=["Qwen3ForCausalLM"])
+    if family == MOE_FAMILY:
+        return Qwen3MoeConfig(
+            **common, head_dim=head_dim, num_experts=spec.num_experts,
+            num_experts_per_tok=spec.experts_per_token,
+            moe_intermediate_size=spec.moe_intermediate_size,
+            mlp_only_layers=list(spec.mlp_only_layers), norm_topk_prob=spec.norm_topk_prob,
+            decoder_sparse_step=1, architectures=["Qwen3MoeForCausalLM"])
+    raise ValueError(f"unknown tiny family {family!r}; choose from {(*TINY_FAMILIES, MOE_FAMILY)}")
 
 
 def make_tiny_hf_model(path: str | Path, family: str = "llama", spec: TinyModelSpec | None = None,

@@ -40,6 +40,20 @@ On a GPU machine nothing here runs.
    begins with ``torch.cuda.current_stream()`` (to wait on CUDA-graph events that never exist
    on CPU), so every gradient reduction would raise. Without CUDA ``torch.cuda.current_stream``
    returns a null stream whose waits and synchronize do nothing: CPU work is already ordered.
+8. **CUDA streams in MoE token dispatch.** ``MoEAlltoAllTokenDispatcher.__init__`` creates a
+   ``torch.cuda.Stream()`` for its device-to-host copies of the routing splits, and its
+   ``_maybe_dtoh_and_synchronize`` enters ``torch.cuda.stream(...)`` around them and records an
+   event on the stream to synchronise on later. Without CUDA
+   ``torch.cuda.Stream()`` is the same null stream as in 7 (so "current != side stream" is
+   False, as on one CUDA stream) and ``torch.cuda.stream(...)`` enters nothing: the splits
+   already are CPU tensors. megatron's ``maybe_move_tensor_to_cpu(t, as_numpy=True)`` turns
+   the splits into NumPy arrays only when they were on the GPU, and ``all_to_all_single``
+   rejects tensors as split sizes: the dispatcher's copy of it converts CPU tensors to NumPy
+   too, so the all-to-all gets what it gets on GPU.
+9. **MoE router without Transformer Engine.** ``moe_utils.RouterGatingLinearFunction`` tests
+   ``te_general_gemm is not None`` to choose TE's GEMM over ``torch.mm``, but the name is only
+   bound when TE imports (megatron-core 0.16-0.19), so every MoE forward without TE raises
+   ``NameError``. The name is bound to ``None``: megatron's own torch path runs.
 """
 
 from __future__ import annotations
@@ -50,6 +64,7 @@ from collections.abc import Iterator
 
 import torch
 from megatron.core.fusions import fused_softmax
+from megatron.core.transformer.moe import moe_utils, token_dispatcher
 from megatron.core.tensor_parallel import random as mcore_random
 from torch.overrides import TorchFunctionMode
 
@@ -138,9 +153,25 @@ class _NullStream:
     def synchronize(self) -> None:
         return None
 
+    def record_event(self, event: object = None) -> _NullStream:
+        return self  # an event whose synchronize() is a no-op, like the stream's
 
-def _null_stream(device: object = None) -> _NullStream:
-    return _NullStream()
+
+_NULL_STREAM = _NullStream()
+
+
+def _null_stream(*args: object, **kwargs: object) -> _NullStream:
+    return _NULL_STREAM
+
+
+def _no_stream_context(stream: object = None) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
+
+
+def _tensor_to_cpu(tensor: object, as_numpy: bool = False, record_stream: bool = False) -> object:
+    if torch.is_tensor(tensor) and as_numpy:
+        return tensor.cpu().numpy()
+    return moe_utils.maybe_move_tensor_to_cpu(tensor, as_numpy, record_stream)
 
 
 def install_cpu_rng_tracker() -> None:
@@ -158,10 +189,15 @@ def apply_cpu_accommodations() -> None:
     torch.cuda.current_device = _cpu_current_device
     torch.cuda.synchronize = _no_synchronize
     torch.cuda.current_stream = _null_stream
+    torch.cuda.Stream = _null_stream
+    torch.cuda.stream = _no_stream_context
     mcore_random._get_cuda_rng_state = _no_cuda_rng_state
     mcore_random._set_cuda_rng_state = _ignore_cuda_rng_state
     fused_softmax.get_default_causal_mask = _causal_mask
     fused_softmax.get_sliding_window_causal_mask = _sliding_window_causal_mask
+    token_dispatcher.maybe_move_tensor_to_cpu = _tensor_to_cpu
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
     _APPLIED = True
     logger.debug("megatron-core CPU accommodations applied")
 

@@ -60,13 +60,20 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = 1
     """Ranks that split the stack of layers."""
 
+    expert_model_parallel_size: int = 1
+    """Ranks that split the routed experts of each MoE layer (expert parallelism). They come out
+    of the data-parallel ranks, as in megatron-core: the data-parallel size must be a multiple.
+    Experts are further split by TP (megatron's default expert-tensor-parallel size). Dense
+    models leave it at 1."""
+
     sequence_parallel: bool = False
     """Megatron sequence parallelism: layer norms and dropout work on ``[s/tp, b, h]`` shards
     (activations divided by TP outside the matmuls). Needs TP > 1, and on CPU is refused (its
     fused kernels need CUDA and apex / Transformer Engine)."""
 
     def __post_init__(self) -> None:
-        for field in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
+        for field in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                      "expert_model_parallel_size"):
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(
@@ -90,7 +97,14 @@ class ParallelConfig:
                 f"({self.tensor_model_parallel_size}) x pipeline_model_parallel_size "
                 f"({self.pipeline_model_parallel_size}) = {self.model_parallel_size}"
             )
-        return world_size // self.model_parallel_size
+        data_parallel = world_size // self.model_parallel_size
+        if data_parallel % self.expert_model_parallel_size:
+            raise ValueError(
+                f"expert_model_parallel_size = {self.expert_model_parallel_size} must divide the "
+                f"data-parallel size {data_parallel} (world size {world_size} / "
+                f"(TP x PP) {self.model_parallel_size}): expert-parallel ranks are carved out "
+                "of the data-parallel ones")
+        return data_parallel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,6 +208,7 @@ def initialize_runtime(
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        expert_model_parallel_size=parallel.expert_model_parallel_size,
         distributed_timeout_minutes=timeout_minutes,
         # Without CUDA the default backend already is gloo; extra gloo groups would be duplicates.
         create_gloo_process_groups=device.type == "cuda",
@@ -232,27 +247,33 @@ def distributed_runtime(parallel: ParallelConfig | None = None, **kwargs) -> Ite
 def model_process_groups(parallel: ParallelConfig) -> ProcessGroupCollection:
     """Process groups for a model whose layout differs from the global (student's) one.
 
-    Ranks are laid out TP-fastest, like megatron's default order. Every rank must call this with
-    the same ``parallel`` (process-group creation is collective). For the global layout itself use
+    Ranks are laid out TP-fastest, like megatron's default order. Expert parallelism gets
+    megatron's second grid: experts split by TP (the expert-tensor-parallel size), then by EP
+    out of the data-parallel ranks. Every rank must call this with the same ``parallel``
+    (process-group creation is collective). For the global layout itself use
     ``ProcessGroupCollection.use_mpu_process_groups()``.
     """
     world_size = dist.get_world_size()
+    tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
+    ep = parallel.expert_model_parallel_size
     dp = parallel.data_parallel_size(world_size)
-    grid = HyperCommGrid(
-        [parallel.tensor_model_parallel_size, 1, 1, dp, parallel.pipeline_model_parallel_size],
-        ["tp", "cp", "ep", "dp", "pp"],
-    )
+    grid = HyperCommGrid([tp, 1, dp, pp], ["tp", "cp", "dp", "pp"])
+    expert_grid = HyperCommGrid([tp, ep, dp // ep, pp], ["tp", "ep", "dp", "pp"])
     pgs = ProcessGroupCollection()
     pgs.tp = grid.create_pg("tp")
     pgs.cp = grid.create_pg("cp")
-    pgs.ep = grid.create_pg("ep")  # dense models: one rank each; megatron's DDP asks for it
     pgs.dp = grid.create_pg("dp")
-    pgs.expt_dp = pgs.dp
     pgs.pp = grid.create_pg("pp")
     pgs.tp_cp = grid.create_pg(["tp", "cp"])
     pgs.dp_cp = grid.create_pg(["cp", "dp"])
+    pgs.tp_dp_cp = grid.create_pg(["tp", "cp", "dp"])
     pgs.mp = grid.create_pg(["tp", "pp"])
-    pgs.embd = pgs.pp if parallel.pipeline_model_parallel_size > 1 else None
+    pgs.ep = expert_grid.create_pg("ep")  # dense models: one rank each; megatron's DDP asks
+    pgs.expt_tp = expert_grid.create_pg("tp")
+    pgs.expt_dp = expert_grid.create_pg("dp")
+    pgs.tp_ep = expert_grid.create_pg(["tp", "ep"])
+    pgs.tp_ep_pp = expert_grid.create_pg(["tp", "ep", "pp"])
+    pgs.embd = pgs.pp if pp > 1 else None
     pgs.pos_embd = None
     return pgs
 
@@ -266,12 +287,21 @@ _LAYOUT_OVERRIDES = (
     ("_MPU_PIPELINE_MODEL_PARALLEL_WORLD_SIZE",
      parallel_state.set_pipeline_model_parallel_world_size, "pp", False),
     ("_MPU_DATA_PARALLEL_RANK", parallel_state.set_data_parallel_rank, "dp_cp", True),
+    ("_MPU_EXPERT_MODEL_PARALLEL_RANK", parallel_state.set_expert_model_parallel_rank, "ep", True),
+    ("_MPU_EXPERT_MODEL_PARALLEL_WORLD_SIZE",
+     parallel_state.set_expert_model_parallel_world_size, "ep", False),
+    ("_MPU_EXPERT_TENSOR_PARALLEL_RANK", parallel_state.set_expert_tensor_parallel_rank,
+     "expt_tp", True),
+    ("_MPU_EXPERT_TENSOR_PARALLEL_WORLD_SIZE",
+     parallel_state.set_expert_tensor_parallel_world_size, "expt_tp", False),
 )
 """megatron's override of a global rank or size: (its variable, its setter, the group of
 ``groups`` it takes, rank (True) or size)."""
 _GLOBAL_GROUPS = {name: attr for name, attr in (
     ("_TENSOR_MODEL_PARALLEL_GROUP", "tp"), ("_PIPELINE_MODEL_PARALLEL_GROUP", "pp"),
     ("_DATA_PARALLEL_GROUP", "dp"), ("_DATA_PARALLEL_GROUP_WITH_CP", "dp_cp"),
+    ("_EXPERT_MODEL_PARALLEL_GROUP", "ep"), ("_EXPERT_TENSOR_PARALLEL_GROUP", "expt_tp"),
+    ("_EXPERT_TENSOR_AND_MODEL_PARALLEL_GROUP", "tp_ep"), ("_EXPERT_DATA_PARALLEL_GROUP", "expt_dp"),
     # megatron-core >= 0.19 reads these by default (GTP weight-remat axis, size 1 here).
     ("_DATA_PARALLEL_GROUP_WITH_GTP_REMAT", "dp"),
     ("_DATA_PARALLEL_GROUP_WITH_CP_WITH_GTP_REMAT", "dp_cp"),

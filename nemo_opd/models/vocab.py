@@ -1,0 +1,77 @@
+"""Vocabularies padded for tensor parallelism, and what keeps the padding out of every result.
+
+megatron-core splits the embedding and the output layer into ``V_p / TP`` rows per rank, so a
+vocabulary ``V`` that TP does not divide is padded to ``V_p`` (megatron's
+``make_vocab_size_divisible_by``). The padded rows are zero in the embedding (no token id
+reaches them) and their logits are set to :data:`PADDED_LOGIT` on the output layer itself,
+so every consumer of the logits — sampling, log-probs, top-k, the divergences and lm-eval —
+sees probability exactly 0 there (``exp(-1e4 - max)`` underflows in fp32), and no gradient
+flows into them. A finite value rather than ``-inf``: the divergences compute
+``p · (log p - log q)`` with ``p = q = 0`` there, which is 0 for finite logs and NaN for
+infinite ones, and temperatures below 1 scale the value further.
+
+Checkpoint import and export work on the HF shape: :class:`PaddedVocabImporter` pads the HF
+rows on the way in; the exporter trims them on the way out (:mod:`nemo_opd.quant.export`).
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import parallel_state
+from modelopt.torch.export.plugins.mcore_common import all_mcore_hf_import_mapping
+from modelopt.torch.export.plugins.megatron_importer import GPTModelImporter
+
+__all__ = ["PADDED_LOGIT", "mask_padded_vocab", "PaddedVocabImporter"]
+
+PADDED_LOGIT = -1.0e4
+"""The logit of every padded vocabulary entry."""
+
+
+def mask_padded_vocab(model: torch.nn.Module, vocab_size: int) -> None:
+    """Set the logits of ids ``>= vocab_size`` to :data:`PADDED_LOGIT` in ``model``'s output
+    layer (a forward hook on this rank's vocab shard ``[s, b, V_p / TP]``). A model whose
+    output layer is another stage's, or whose vocabulary is not padded, is left alone."""
+    output_layer = getattr(model, "output_layer", None)
+    if output_layer is None:
+        return
+    tp_group = output_layer.tp_group
+    local = output_layer.output_size_per_partition
+    if local * tp_group.size() == vocab_size:
+        return
+    first_id = tp_group.rank() * local
+    padded = torch.arange(first_id, first_id + local) >= vocab_size
+
+    def hook(_module, _inputs, output):
+        logits, bias = output
+        return logits.masked_fill(padded.to(logits.device), PADDED_LOGIT), bias
+
+    output_layer.register_forward_hook(hook)
+
+
+class PaddedVocabImporter(GPTModelImporter):
+    """ModelOpt's HF importer, with the embedding and output rows padded to the model's.
+
+    ModelOpt slices an HF tensor into ``rows / TP`` for each rank and so needs ``TP | V``. For
+    the two vocabulary tensors this reads the whole ``[V, h]`` tensor, appends zero rows up to
+    ``V_p`` and gives this rank its slice; every other tensor goes through ModelOpt unchanged.
+    """
+
+    def __init__(self, model: torch.nn.Module, model_dir: str, *, dtype: torch.dtype) -> None:
+        super().__init__(model, model_dir, dtype=dtype)
+        mapping = all_mcore_hf_import_mapping[self.arch]
+        self._vocab_keys = {mapping[name].target_name_or_prefix + "weight"
+                            for name in ("word_embeddings", "output_layer")}
+        self._padded_vocab_size = model.vocab_size
+
+    def _get_safetensor(self, key, parallel_config=None):
+        if key not in self._vocab_keys or self._padded_vocab_size == self._hf_config.vocab_size:
+            return super()._get_safetensor(key, parallel_config)
+        whole = super()._get_safetensor(key, None)
+        padded = torch.cat([whole, whole.new_zeros(self._padded_vocab_size - whole.shape[0],
+                                                   whole.shape[1])])
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        return padded.chunk(tp)[parallel_state.get_tensor_model_parallel_rank()].contiguous()
+
+    def import_weights(self) -> None:
+        """Fill the model (ModelOpt's ``import_mcore_gpt_from_hf`` does the same two steps)."""
+        self._import_state_dict()
