@@ -154,7 +154,7 @@ def test_unsupported_architecture_lists_supported(tmp_path, tiny_model_dirs):
         ({"num_attention_heads": 6, "num_key_value_heads": 2}, 4,
          r"num_attention_heads = 6 is not divisible by tensor_model_parallel_size = 4"),
         ({"num_key_value_heads": 1}, 2, r"num_key_value_heads = 1 is not divisible by .* = 2"),
-        ({"vocab_size": 385}, 2, r"vocab_size = 385 is not divisible by .* = 2"),
+        ({"intermediate_size": 129}, 2, r"intermediate_size = 129 is not divisible by .* = 2"),
     ],
 )
 def test_layout_that_does_not_fit_fails_before_weights(tmp_path, tiny_model_dirs, overrides, tp,
@@ -169,3 +169,36 @@ def test_unsupported_rope_scaling(tmp_path, tiny_model_dirs):
                                  rope_scaling={"rope_type": "yarn", "factor": 4.0})
     with pytest.raises(ValueError, match="RoPE scaling .* not supported"):
         read_hf_config(model_dir)
+
+
+def test_moe_families_modelopt_does_not_map_are_refused_by_name(tmp_path, tiny_model_dirs):
+    model_dir = _config_only_dir(tmp_path, tiny_model_dirs["qwen3"],
+                                 architectures=["MixtralForCausalLM"], num_local_experts=8)
+    with pytest.raises(ValueError, match=r"unsupported architecture 'MixtralForCausalLM'.*"
+                                         r"Qwen3MoeForCausalLM"):
+        load_hf_gpt(model_dir)
+
+
+@pytest.mark.parametrize(("overrides", "sliding_layers"), [
+    # transformers < 5 configs: no layer_types, Qwen2's rule decides.
+    ({"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1,
+      "layer_types": None}, "[1]"),
+    ({"layer_types": ["sliding_attention", "full_attention"], "sliding_window": 8}, "[0]"),
+])
+def test_sliding_window_attention_is_refused_not_ignored(tmp_path, tiny_model_dirs, overrides,
+                                                         sliding_layers):
+    model_dir = _config_only_dir(tmp_path, tiny_model_dirs["qwen3"], **overrides)
+    with pytest.raises(ValueError, match=rf"sliding-window attention \(window 8\) on layers "
+                                         rf"\{sliding_layers[:-1]}\]"):
+        load_hf_gpt(model_dir)
+
+
+def test_sliding_window_fields_that_slide_no_layer_are_accepted(tmp_path, tiny_model_dirs):
+    # Qwen2/Qwen3 write use_sliding_window=false or max_window_layers >= num_hidden_layers in
+    # their released configs: full attention everywhere.
+    for overrides in ({"use_sliding_window": False, "sliding_window": 8, "layer_types": None},
+                      {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 2,
+                       "layer_types": None}):
+        model_dir = _config_only_dir(tmp_path / str(len(overrides)), tiny_model_dirs["qwen3"],
+                                     **overrides)
+        assert read_hf_config(model_dir).num_layers == 2

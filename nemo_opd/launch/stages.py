@@ -145,8 +145,8 @@ def whole_layout(cfg: RunConfig) -> tuple[RunConfig, Any]:
 def whole_student_from_checkpoint(cfg: RunConfig, step: int | None = None
                                   ) -> tuple[torch.nn.Module, Any]:
     """The run's checkpoint of ``step`` (default: the newest) restored at TP = PP = 1 on every
-    rank (megatron's dist checkpointing reshards), with the process groups it was built on
-    (collective)."""
+    rank (megatron's dist checkpointing reshards; the vocabulary keeps the padding of the
+    run's TP size), with the process groups it was built on (collective)."""
     from nemo_opd.models import build_gpt_model, read_hf_config
     from nemo_opd.models.checkpoint import load_model_checkpoint
     from nemo_opd.runtime import ParallelConfig, model_parallel_layout, model_process_groups
@@ -157,8 +157,11 @@ def whole_student_from_checkpoint(cfg: RunConfig, step: int | None = None
         raise FileNotFoundError(f"no checkpoint of step {step if step is not None else 'any'} "
                                 f"in {cfg.checkpoint_dir} (newest: {checkpoint})")
     groups = model_process_groups(ParallelConfig())
-    shell = build_gpt_model(read_hf_config(cfg.model.student), ParallelConfig(),
-                            dtype=_DTYPES[cfg.model.student_dtype], pg_collection=groups)
+    config = read_hf_config(cfg.model.student)
+    shell = build_gpt_model(config, ParallelConfig(), dtype=_DTYPES[cfg.model.student_dtype],
+                            pg_collection=groups,
+                            vocab_rows=config.padded_vocab_size(
+                                cfg.model.student_parallel.tensor_model_parallel_size))
     with model_parallel_layout(groups):
         return load_model_checkpoint(shell, checkpoint / "model"), groups
 

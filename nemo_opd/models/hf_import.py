@@ -195,7 +195,7 @@ def build_gpt_model(config: HFModelConfig, parallel: ParallelConfig | None = Non
                     dtype: torch.dtype = torch.float32,
                     pg_collection: ProcessGroupCollection | None = None,
                     recompute: RecomputeConfig | None = None,
-                    quantizable: bool = True) -> GPTModel:
+                    quantizable: bool = True, vocab_rows: int | None = None) -> GPTModel:
     """A randomly initialised ``GPTModel`` shaped like ``config`` (vocab-parallel logits).
 
     ``pg_collection`` gives the model its own process groups (a teacher whose layout differs from
@@ -203,6 +203,8 @@ def build_gpt_model(config: HFModelConfig, parallel: ParallelConfig | None = Non
     describe that layout. With pipeline parallelism this rank builds its own stage: the
     embedding on the first, the output layer (logits) on the last. ``quantizable=False``
     (a model ModelOpt will not touch) picks megatron's full Transformer Engine spec on GPU.
+    ``vocab_rows`` sets the padded vocabulary (default: padded for this TP size); a shell that
+    restores a checkpoint saved at another TP size needs that size's rows.
     """
     parallel = parallel or ParallelConfig()
     tconfig = transformer_config(config, parallel, dtype, recompute)
@@ -210,7 +212,7 @@ def build_gpt_model(config: HFModelConfig, parallel: ParallelConfig | None = Non
     model = GPTModel(
         config=tconfig,
         transformer_layer_spec=_layer_spec(tconfig, quantizable, pg_collection),
-        vocab_size=config.padded_vocab_size(parallel.tensor_model_parallel_size),
+        vocab_size=vocab_rows or config.padded_vocab_size(parallel.tensor_model_parallel_size),
         max_sequence_length=config.max_position_embeddings,
         parallel_output=True,
         share_embeddings_and_output_weights=config.tie_word_embeddings,

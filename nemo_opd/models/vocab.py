@@ -11,17 +11,21 @@ flows into them. A finite value rather than ``-inf``: the divergences compute
 infinite ones, and temperatures below 1 scale the value further.
 
 Checkpoint import and export work on the HF shape: :class:`PaddedVocabImporter` pads the HF
-rows on the way in; the exporter trims them on the way out (:mod:`nemo_opd.quant.export`).
+rows on the way in; :func:`trim_padded_vocab` drops them from what ModelOpt's exporter writes
+(:mod:`nemo_opd.quant.export`).
 """
 
 from __future__ import annotations
 
 import torch
 from megatron.core import parallel_state
-from modelopt.torch.export.plugins.mcore_common import all_mcore_hf_import_mapping
+from modelopt.torch.export.plugins.mcore_common import (
+    all_mcore_hf_export_mapping,
+    all_mcore_hf_import_mapping,
+)
 from modelopt.torch.export.plugins.megatron_importer import GPTModelImporter
 
-__all__ = ["PADDED_LOGIT", "mask_padded_vocab", "PaddedVocabImporter"]
+__all__ = ["PADDED_LOGIT", "mask_padded_vocab", "PaddedVocabImporter", "trim_padded_vocab"]
 
 PADDED_LOGIT = -1.0e4
 """The logit of every padded vocabulary entry."""
@@ -29,20 +33,21 @@ PADDED_LOGIT = -1.0e4
 
 def mask_padded_vocab(model: torch.nn.Module, vocab_size: int) -> None:
     """Set the logits of ids ``>= vocab_size`` to :data:`PADDED_LOGIT` in ``model``'s output
-    layer (a forward hook on this rank's vocab shard ``[s, b, V_p / TP]``). A model whose
-    output layer is another stage's, or whose vocabulary is not padded, is left alone."""
+    layer: a forward hook on this rank's vocab shard ``[s, b, V_p / TP]``, or on the whole
+    ``[s, b, V_p]`` when megatron gathers the output (inference). A model whose output layer is
+    another stage's, or whose vocabulary is not padded, is left alone."""
     output_layer = getattr(model, "output_layer", None)
-    if output_layer is None:
+    if output_layer is None or model.vocab_size == vocab_size:
         return
-    tp_group = output_layer.tp_group
-    local = output_layer.output_size_per_partition
-    if local * tp_group.size() == vocab_size:
-        return
+    tp_group = model.pg_collection.tp
+    local = model.vocab_size // tp_group.size()
     first_id = tp_group.rank() * local
-    padded = torch.arange(first_id, first_id + local) >= vocab_size
+    padded_local = torch.arange(first_id, first_id + local) >= vocab_size
+    padded_whole = torch.arange(model.vocab_size) >= vocab_size
 
     def hook(_module, _inputs, output):
         logits, bias = output
+        padded = padded_local if logits.shape[-1] == local else padded_whole
         return logits.masked_fill(padded.to(logits.device), PADDED_LOGIT), bias
 
     output_layer.register_forward_hook(hook)
@@ -58,9 +63,7 @@ class PaddedVocabImporter(GPTModelImporter):
 
     def __init__(self, model: torch.nn.Module, model_dir: str, *, dtype: torch.dtype) -> None:
         super().__init__(model, model_dir, dtype=dtype)
-        mapping = all_mcore_hf_import_mapping[self.arch]
-        self._vocab_keys = {mapping[name].target_name_or_prefix + "weight"
-                            for name in ("word_embeddings", "output_layer")}
+        self._vocab_keys = _vocab_keys(all_mcore_hf_import_mapping[self.arch])
         self._padded_vocab_size = model.vocab_size
 
     def _get_safetensor(self, key, parallel_config=None):
@@ -75,3 +78,19 @@ class PaddedVocabImporter(GPTModelImporter):
     def import_weights(self) -> None:
         """Fill the model (ModelOpt's ``import_mcore_gpt_from_hf`` does the same two steps)."""
         self._import_state_dict()
+
+
+def _vocab_keys(mapping: dict) -> set[str]:
+    """HF names of the embedding and output weights in a ModelOpt import or export mapping."""
+    return {mapping[name].target_name_or_prefix + "weight"
+            for name in ("word_embeddings", "output_layer")}
+
+
+def trim_padded_vocab(layer_state_dicts: dict[int, dict[str, torch.Tensor]], architecture: str,
+                      vocab_size: int) -> None:
+    """Cut the embedding and output rows in ModelOpt exporter's ``layer_state_dicts`` (HF names)
+    back to ``vocab_size``, in place, so the exported checkpoint has the HF shape again."""
+    keys = _vocab_keys(all_mcore_hf_export_mapping[architecture])
+    for state in layer_state_dicts.values():
+        for key in keys & state.keys():
+            state[key] = state[key][:vocab_size]

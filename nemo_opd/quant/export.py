@@ -472,6 +472,8 @@ def export_student(model: torch.nn.Module, hf_model_dir: str | Path, export_dir:
         NotImplementedError: a weight format or quantized module the export does not cover.
         RuntimeError: the student's fake-quantized weights do not decode onto the format's grid.
     """
+    from nemo_opd.models.hf_config import read_hf_config
+    from nemo_opd.models.vocab import trim_padded_vocab
     from nemo_opd.quant.lora import has_lora_adapters, merge_lora
 
     hf_model_dir, export_dir = Path(hf_model_dir), Path(export_dir)
@@ -490,6 +492,8 @@ def export_student(model: torch.nn.Module, hf_model_dir: str | Path, export_dir:
     exporter = modelopt_exporter_class()(model, str(hf_model_dir), dtype=dtype)
     total, code_mismatches, scale_mismatches = _replace_quantized_tensors(
         exporter.layer_state_dicts, student)
+    hf_config = read_hf_config(hf_model_dir)
+    trim_padded_vocab(exporter.layer_state_dicts, hf_config.architecture, hf_config.vocab_size)
     export_dir.mkdir(parents=True, exist_ok=True)
     exporter.save_pretrained(str(export_dir), str(hf_model_dir))
     if is_rank0():
