@@ -87,10 +87,11 @@ class ModelConfig:
     student_parallel: ParallelConfig = ParallelConfig()
     """The student's TP/PP layout (the global megatron layout of the job)."""
     teacher_parallel: ParallelConfig = ParallelConfig()
-    """The teacher's TP/PP layout; its TP size and the student's must divide one another. On
+    """The teacher's TP/PP/EP layout; its TP size and the student's must divide one another. On
     another layout than the student's, a larger teacher TP group or a teacher pipeline scores
     the batches of all student ranks it spans in one forward, and only the teacher's top-k /
-    log-probs reach the student (distill.loss "topk" or "sampled")."""
+    log-probs reach the student (distill.loss "topk" or "sampled"). An MoE teacher may split its
+    experts over ``expert_model_parallel_size`` data-parallel ranks; the student stays dense."""
     student_dtype: str = "float32"
     """Student parameter dtype, one of :data:`DTYPES` (bf16 on GPU, fp32 on CPU)."""
     teacher_dtype: str = "float32"
@@ -114,6 +115,10 @@ class ModelConfig:
         for field in ("student_parallel", "teacher_parallel"):
             if not isinstance(getattr(self, field), ParallelConfig):
                 _fail(self, field, "a nemo_opd.runtime.ParallelConfig")
+        if self.student_parallel.expert_model_parallel_size != 1:
+            _fail(self, "student_parallel",
+                  "expert_model_parallel_size = 1: the student is a dense model (expert "
+                  "parallelism is for an MoE teacher, in teacher_parallel)")
         for field in ("student_dtype", "teacher_dtype"):
             _check_choice(self, field, DTYPES)
         _check_choice(self, "recompute_granularity", RECOMPUTE_GRANULARITIES)
@@ -437,12 +442,14 @@ class RunConfig:
                 "another (each teacher TP group must hold whole student TP groups, or sit inside "
                 "one)")
         teacher_pp = self.model.teacher_parallel.pipeline_model_parallel_size
-        if ((teacher_tp > student_tp or teacher_pp > 1)
+        teacher_ep = self.model.teacher_parallel.expert_model_parallel_size
+        if ((teacher_tp > student_tp or teacher_pp > 1 or teacher_ep > 1)
                 and self.distill.strategy.name == "teacher_seeded"):
             raise ValueError(
                 f"StrategyConfig.name = 'teacher_seeded' needs teacher TP ({teacher_tp}) <= "
-                f"student TP ({student_tp}) and teacher PP = 1 (got {teacher_pp}): the teacher "
-                "writes prefixes for one student batch at a time, with the whole model")
+                f"student TP ({student_tp}), teacher PP = 1 (got {teacher_pp}) and teacher "
+                f"EP = 1 (got {teacher_ep}): the teacher writes prefixes for one student batch "
+                "at a time, each rank on its own, with the whole model and all its experts")
         if self.distill.loss == "full" and self.model.teacher_parallel != \
                 self.model.student_parallel:
             raise ValueError(

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import nemo_run as run
+import torch.distributed as dist
 
 from nemo_opd.config import (
     CheckpointConfig,
@@ -93,6 +94,7 @@ def onpolicy_qat(
         build_student,
         build_teacher,
         calibration_batches,
+        check_models,
         load_examples,
         load_tokenizer,
         teacher_groups,
@@ -117,6 +119,9 @@ def onpolicy_qat(
         # (what the trainer starts from: same calibration batches). One model in memory at a
         # time; a requeued job reuses the records saved by its first attempt.
         examples, _ = load_examples(cfg, tokenizer)
+        # Layouts, an MoE student, the two vocabularies: refused here, before any weight loads.
+        check_models(cfg, dist.get_world_size(), tokenizer,
+                     [tokenizer.decode(e.prompt_ids) for e in examples[:8]])
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
             else tokenizer.eos_token_id
         baseline = {"model": cfg.model, "quant": cfg.quant, "data": cfg.data, "seed": cfg.seed,
@@ -273,6 +278,10 @@ def check(kwargs: dict[str, Any], executor: run.Executor | None) -> None:
             f"checkpoint.save_every dividing it (got {every}): a pipeline stage is evaluated "
             "through the checkpoint of that step, restored whole")
     world = check_world_fits(executor, cfg.model.student_parallel)
+    try:
+        cfg.model.teacher_parallel.data_parallel_size(world)
+    except ValueError as err:
+        raise ValueError(f"model.teacher_parallel does not fit the executor: {err}") from None
     gpu_memory_gib = executor_gpu_memory_gib(executor)
     plan = check_memory_fits(cfg, world, gpu_memory_gib)
     if plan is not None:

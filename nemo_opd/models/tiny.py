@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["TinyModelSpec", "TINY_FAMILIES", "MOE_FAMILY", "make_tiny_tokenizer", "make_tiny_hf_model",
-           "synthetic_corpus"]
+__all__ = ["TinyModelSpec", "TINY_FAMILIES", "MOE_FAMILY", "make_tiny_tokenizer",
+           "make_tiny_hf_model", "synthetic_corpus"]
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
 

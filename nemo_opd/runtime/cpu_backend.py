@@ -64,8 +64,8 @@ from collections.abc import Iterator
 
 import torch
 from megatron.core.fusions import fused_softmax
-from megatron.core.transformer.moe import moe_utils, token_dispatcher
 from megatron.core.tensor_parallel import random as mcore_random
+from megatron.core.transformer.moe import moe_utils, token_dispatcher
 from torch.overrides import TorchFunctionMode
 
 __all__ = [

@@ -301,7 +301,8 @@ _GLOBAL_GROUPS = {name: attr for name, attr in (
     ("_TENSOR_MODEL_PARALLEL_GROUP", "tp"), ("_PIPELINE_MODEL_PARALLEL_GROUP", "pp"),
     ("_DATA_PARALLEL_GROUP", "dp"), ("_DATA_PARALLEL_GROUP_WITH_CP", "dp_cp"),
     ("_EXPERT_MODEL_PARALLEL_GROUP", "ep"), ("_EXPERT_TENSOR_PARALLEL_GROUP", "expt_tp"),
-    ("_EXPERT_TENSOR_AND_MODEL_PARALLEL_GROUP", "tp_ep"), ("_EXPERT_DATA_PARALLEL_GROUP", "expt_dp"),
+    ("_EXPERT_TENSOR_AND_MODEL_PARALLEL_GROUP", "tp_ep"),
+    ("_EXPERT_DATA_PARALLEL_GROUP", "expt_dp"),
     # megatron-core >= 0.19 reads these by default (GTP weight-remat axis, size 1 here).
     ("_DATA_PARALLEL_GROUP_WITH_GTP_REMAT", "dp"),
     ("_DATA_PARALLEL_GROUP_WITH_CP_WITH_GTP_REMAT", "dp_cp"),

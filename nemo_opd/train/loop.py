@@ -107,7 +107,7 @@ class Trainer:
         self.tokenizer = setup.load_tokenizer(cfg.model.tokenizer_path)
         self.examples, self.encoder = setup.load_examples(cfg, self.tokenizer)
         sample_texts = [self.tokenizer.decode(e.prompt_ids) for e in self.examples[:8]]
-        setup.check_teacher_student_agreement(cfg, self.tokenizer, sample_texts)
+        setup.check_models(cfg, dist.get_world_size(), self.tokenizer, sample_texts)
         self.pad_id = (self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
                        else self.tokenizer.eos_token_id)
         self.eos_id = self.tokenizer.eos_token_id
@@ -152,7 +152,8 @@ class Trainer:
             teacher_tp_group=teacher_tp_group,
             same_layout=cfg.model.teacher_parallel == cfg.model.student_parallel,
             teacher_context=TeacherContext(context), anchor=anchor,
-            teacher_batch_group=_teacher_batch_group(cfg, teacher_pg, teacher_tp_group))
+            teacher_batch_group=_teacher_batch_group(cfg, teacher_pg, teacher_tp_group),
+            teacher_lockstep_group=teacher_pg.tp_ep_pp if teacher_pg is not None else None)
         self.cache = (TeacherTopKCache(cfg.distill.teacher_cache_dir, cfg.distill.topk,
                                        cfg.distill.temperature)
                       if cfg.distill.teacher_cache_dir else None)

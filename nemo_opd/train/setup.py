@@ -25,11 +25,17 @@ from nemo_opd.data import (
     encode_records,
     load_records,
 )
-from nemo_opd.models import RecomputeConfig, build_gpt_model, load_hf_gpt, read_hf_config
+from nemo_opd.models import (
+    RecomputeConfig,
+    build_gpt_model,
+    check_parallel_fits,
+    load_hf_gpt,
+    read_hf_config,
+)
 from nemo_opd.models.pipeline import forward_logits
 from nemo_opd.runtime import model_parallel_layout, model_process_groups
 
-__all__ = ["check_teacher_student_agreement", "load_tokenizer", "load_examples",
+__all__ = ["check_models", "check_teacher_student_agreement", "load_tokenizer", "load_examples",
            "build_student", "build_fresh_student_shell", "build_teacher", "teacher_groups"]
 
 logger = logging.getLogger(__name__)
@@ -51,6 +57,29 @@ def load_tokenizer(path: str) -> Any:
 def load_examples(cfg: RunConfig, tokenizer: Any) -> tuple[list[Example], PromptEncoder]:
     encoder = PromptEncoder(tokenizer, cfg.data)
     return encode_records(load_records(cfg.data), encoder), encoder
+
+
+def check_models(cfg: RunConfig, world_size: int, tokenizer: Any,
+                 sample_texts: list[str]) -> None:
+    """Everything about the two models that can be checked from their directories, before any
+    weight loads: each layout shards its model (:func:`nemo_opd.models.check_parallel_fits`,
+    experts included) and fits ``world_size`` ranks, the student is dense, and the vocabularies
+    agree (:func:`check_teacher_student_agreement`). Raises ``ValueError`` naming the model."""
+    models = [("student", cfg.model.student, cfg.model.student_parallel)]
+    if not cfg.model.self_distillation:
+        models.append(("teacher", cfg.model.teacher, cfg.model.teacher_parallel))
+    for role, path, parallel in models:
+        config = read_hf_config(path)
+        try:
+            check_parallel_fits(config, parallel)
+            parallel.data_parallel_size(world_size)
+        except ValueError as err:
+            raise ValueError(f"model.{role}_parallel does not fit {path}: {err}") from None
+        if role == "student" and config.is_moe:
+            raise ValueError(f"model.student = {path} is a mixture-of-experts model "
+                             f"({config.architecture}); the student must be dense (MoE models "
+                             "are supported as teachers)")
+    check_teacher_student_agreement(cfg, tokenizer, sample_texts)
 
 
 def check_teacher_student_agreement(cfg: RunConfig, tokenizer: Any,

@@ -72,6 +72,10 @@ class ScoringModels:
     teacher_batch_group: dist.ProcessGroup | None = None
     """Set when the teacher's TP group spans several student data-parallel ranks (teacher TP >
     student TP): the group over which their batches are gathered for one teacher forward."""
+    teacher_lockstep_group: dist.ProcessGroup | None = None
+    """A teacher on its own layout: its TP × EP × PP ranks, whose forwards are collective with
+    this rank's (gathered batches, pipeline stages, MoE all-to-alls). They skip the teacher
+    (cache hits) only all together."""
 
 
 @dataclasses.dataclass
@@ -245,8 +249,9 @@ def score_batch(models: ScoringModels, batch: SequenceBatch, cfg: DistillConfig,
     started = time.perf_counter()
     cached = (cache.load(batch, device) if cache is not None and batch.source == "dataset"
               else None)
-    if not _on_every_stage(models.student, cached is not None):
-        cached = None  # the stages must agree: a miss runs the teacher's pipeline on all of them
+    if not _on_all(cached is not None, models.student.pg_collection.pp,
+                   models.teacher_lockstep_group):
+        cached = None  # one miss runs the teacher's collective forward on all of them
     t_logits = top = teacher_lp = None
     teacher_nll = math.nan
     with torch.no_grad():
@@ -302,13 +307,14 @@ def score_batch(models: ScoringModels, batch: SequenceBatch, cfg: DistillConfig,
                        teacher_seconds, student_seconds, teacher_cache_hit=cached is not None)
 
 
-def _on_every_stage(model: torch.nn.Module, flag: bool) -> bool:
-    """``flag`` and-ed over the model's pipeline stages (as-is at PP=1)."""
-    group = model.pg_collection.pp
-    if group.size() == 1:
+def _on_all(flag: bool, *groups: dist.ProcessGroup | None) -> bool:
+    """``flag`` and-ed over all ranks when any of ``groups`` spans several (as-is otherwise).
+    All ranks, not each group in turn: chained groups (a stage's partner in the teacher's
+    layout, that one's own stages, ...) would otherwise need several rounds to agree."""
+    if all(g is None or g.size() == 1 for g in groups):
         return flag
     value = torch.tensor([int(flag)], device=runtime_device())  # NCCL: tensors on the GPU
-    dist.all_reduce(value, op=dist.ReduceOp.MIN, group=group)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
     return bool(value.item())
 
 
