@@ -100,3 +100,44 @@ def test_size_distillation_from_an_moe_teacher(small_student_dir, tiny_moe_model
         assert sum(on_policy[-4:]) / 4 < 0.8 * sum(on_policy[:4]) / 4, on_policy
         assert out["seeded_prefixes"][0] > 0 and out["seeded_prefixes"][-1] == 0, out
     assert results[0] == results[1]  # metrics are reduced over the data-parallel ranks
+
+
+def _check(student: str, teacher: str, train_file: str, tmp_path, world_size: int = 2,
+           **parallel) -> None:
+    from nemo_opd.train.setup import check_models, load_tokenizer
+
+    cfg = _config(student, teacher, train_file, str(tmp_path),
+                  teacher_parallel=ParallelConfig(**parallel))
+    check_models(cfg, world_size, load_tokenizer(student), ["question: what is 3 plus 4?"])
+
+
+def test_bad_size_distillation_inputs_are_refused_before_any_weight(
+        small_student_dir, tiny_moe_model_dir, tiny_model_dirs, train_file, tmp_path):
+    from nemo_opd.models.tiny import TinyModelSpec, make_tiny_hf_model, make_tiny_tokenizer
+
+    _check(small_student_dir, tiny_moe_model_dir, train_file, tmp_path,
+           expert_model_parallel_size=2)  # fits: 4 experts over 2 ranks
+    with pytest.raises(ValueError, match=r"model.teacher_parallel does not fit .*tiny_moe.*"
+                                         r"num_experts = 4 is not divisible by "
+                                         r"expert_model_parallel_size = 3"):
+        _check(small_student_dir, tiny_moe_model_dir, train_file, tmp_path, world_size=3,
+               expert_model_parallel_size=3)
+    with pytest.raises(ValueError, match=r"expert_model_parallel_size = 2 must divide the "
+                                         r"data-parallel size 1"):
+        _check(small_student_dir, tiny_moe_model_dir, train_file, tmp_path, world_size=2,
+               tensor_model_parallel_size=2, expert_model_parallel_size=2)
+    with pytest.raises(ValueError, match=r"is a mixture-of-experts model \(Qwen3MoeForCausalLM\);"
+                                         r" the student must be dense"):
+        _check(tiny_moe_model_dir, tiny_model_dirs["qwen3"], train_file, tmp_path)
+    other = make_tiny_hf_model(tmp_path / "other_tokenizer", "qwen3", seed=4,
+                               tokenizer=make_tiny_tokenizer(seed=5))
+    with pytest.raises(ValueError, match="vocabularies disagree.*tokenize differently"):
+        _check(small_student_dir, str(other), train_file, tmp_path)
+    with pytest.raises(ValueError, match="expert_model_parallel_size = 1: the student is a "
+                                         "dense model"):
+        ModelConfig(student=small_student_dir,
+                    student_parallel=ParallelConfig(expert_model_parallel_size=2))
+    with pytest.raises(ValueError, match="teacher_seeded' needs .* teacher EP = 1 \\(got 2\\)"):
+        _config(small_student_dir, tiny_moe_model_dir, train_file, str(tmp_path),
+                teacher_parallel=ParallelConfig(expert_model_parallel_size=2),
+                distill=DistillConfig(strategy=StrategyConfig(name="teacher_seeded")))
