@@ -36,6 +36,7 @@ from nemo_opd.config import (
     OptimConfig,
     QuantConfig,
     RunConfig,
+    StrategyConfig,
 )
 from nemo_opd.launch import executors  # noqa: F401  (registers run.executor=local|slurm|docker)
 from nemo_opd.launch.executors import check_world_fits, executor_gpu_memory_gib
@@ -225,25 +226,47 @@ def tiny() -> run.Partial:
     )
 
 
-def _real_model(student: str, fmt: str, tp: int, train_files: str) -> run.Partial:
+def _real_model(student: str, fmt: str, tp: int, train_files: str, **sections: Any
+                ) -> run.Partial:
     """A real model on GPUs: bf16, self-distillation from the bf16 original (seeds 000-002),
-    on-policy reverse KL (λ=1, β=1), the seeds' HellaSwag/ARC/WinoGrande/MMLU suite."""
+    on-policy reverse KL (λ=1, β=1), the seeds' HellaSwag/ARC/WinoGrande/MMLU suite; 512
+    prompt + 256 new tokens, micro batch 4, gradient accumulation 2 (docs/scaling.md's
+    "short" workload). ``sections`` replace whole sections (or top-level fields)."""
     layout = ParallelConfig(tensor_model_parallel_size=tp)
-    return _preset(
-        model=ModelConfig(student=student, student_parallel=layout, teacher_parallel=layout,
-                          student_dtype="bfloat16", teacher_dtype="bfloat16"),
-        data=DataConfig(train_files=(train_files,), max_prompt_length=512,
-                        max_response_length=256),
-        quant=QuantConfig(format=fmt, calibration_batches=16),
-        distill=DistillConfig(beta=1.0, lmbda=1.0),
-        sampling=SamplingParams(max_new_tokens=256, temperature=1.0),
-        optim=OptimConfig(lr=1e-5, warmup_steps=10, steps=300, micro_batch_size=4,
-                          grad_accumulation=2),
-        checkpoint=CheckpointConfig(save_every=50, keep_last=2),
-        output_dir=f"runs/onpolicy_qat_{Path(student).name.lower()}_{fmt}",
-        eval_every=100,
-        evaluation=EvalPlan(tasks=("seed",), limit=None),
-        export=ExportPlan(enabled=tp == 1),
+    return _preset(**{
+        "model": ModelConfig(student=student, student_parallel=layout, teacher_parallel=layout,
+                             student_dtype="bfloat16", teacher_dtype="bfloat16"),
+        "data": DataConfig(train_files=(train_files,), max_prompt_length=512,
+                           max_response_length=256),
+        "quant": QuantConfig(format=fmt, calibration_batches=16),
+        "distill": DistillConfig(beta=1.0, lmbda=1.0),
+        "sampling": SamplingParams(max_new_tokens=256, temperature=1.0),
+        "optim": OptimConfig(lr=1e-5, warmup_steps=10, steps=300, micro_batch_size=4,
+                             grad_accumulation=2),
+        "checkpoint": CheckpointConfig(save_every=50, keep_last=2),
+        "output_dir": f"runs/onpolicy_qat_{Path(student).name.lower()}_{fmt}",
+        "eval_every": 100,
+        "evaluation": EvalPlan(tasks=("seed",), limit=None),
+        "export": ExportPlan(enabled=tp == 1),
+        **sections,
+    })
+
+
+def _size_distillation(student: str, teacher: str, fmt: str, student_tp: int,
+                       teacher_parallel: ParallelConfig, strategy: StrategyConfig) -> run.Partial:
+    """:func:`_real_model` distilled from a larger bf16 ``teacher`` on its own layout: the
+    top-k loss (k = 64; full-vocabulary logits are not moved between layouts), reverse KL,
+    evaluated on GSM8K (the size-distillation report, ``nemo_opd.eval.tasks``)."""
+    name = f"runs/onpolicy_qat_{Path(student).name.lower()}_from_{Path(teacher).name.lower()}"
+    return _real_model(
+        student, fmt, student_tp, "/data/prompts.jsonl",
+        model=ModelConfig(student=student, teacher=teacher,
+                          student_parallel=ParallelConfig(tensor_model_parallel_size=student_tp),
+                          teacher_parallel=teacher_parallel, student_dtype="bfloat16",
+                          teacher_dtype="bfloat16"),
+        distill=DistillConfig(beta=1.0, lmbda=1.0, loss="topk", topk=64, strategy=strategy),
+        output_dir=f"{name}_{fmt}",
+        evaluation=EvalPlan(tasks=("gsm8k",), limit=None),
     )
 
 
@@ -260,6 +283,32 @@ def llama31_8b_mxfp4() -> run.Partial:
     The memory planner accepts it on H100-80GB from 4 GPUs on (docs/scaling.md)."""
     return _real_model("/models/Llama-3.1-8B-Instruct", "mxfp4", tp=2,
                        train_files="/data/prompts.jsonl")
+
+
+@run.cli.factory(target=onpolicy_qat)
+def qwen3_4b_from_qwen3_30b_a3b() -> run.Partial:
+    """Qwen3-4B-Instruct-2507, INT4 weights, distilled from Qwen3-30B-A3B-Instruct-2507 (MoE,
+    bf16), teacher-seeded (seed 004: 20 teacher tokens at step 0, down to 0 over 50 steps),
+    top-k loss, GSM8K. One node of 8×H100-80GB: student TP=STUDENT_TP (DP=STUDENT_DP), teacher
+    TP=TEACHER_TP on its own layout (teacher_seeded needs teacher TP <= student TP, PP = EP =
+    1). The memory planner: QWEN_PEAK GiB per GPU (docs/scaling.md)."""
+    return _size_distillation(
+        "/models/Qwen3-4B-Instruct-2507", "/models/Qwen3-30B-A3B-Instruct-2507", "int4",
+        student_tp=2,
+        teacher_parallel=ParallelConfig(tensor_model_parallel_size=1),
+        strategy=StrategyConfig(name="teacher_seeded", seed_tokens=20, seed_decay_steps=50))
+
+
+@run.cli.factory(target=onpolicy_qat)
+def llama31_8b_from_llama33_70b() -> run.Partial:
+    """Llama-3.1-8B-Instruct, MXFP4 weights, distilled from Llama-3.3-70B-Instruct (bf16),
+    on-policy (λ = 1) top-k reverse KL, GSM8K. LLAMA_LAYOUT The memory planner: LLAMA_PEAK GiB
+    per GPU (docs/scaling.md)."""
+    return _size_distillation(
+        "/models/Llama-3.1-8B-Instruct", "/models/Llama-3.3-70B-Instruct", "mxfp4",
+        student_tp=2,
+        teacher_parallel=ParallelConfig(tensor_model_parallel_size=8),
+        strategy=StrategyConfig(name="on_policy_gkd"))
 
 
 def check(kwargs: dict[str, Any], executor: run.Executor | None) -> None:

@@ -139,12 +139,16 @@ def test_published_sizes(name, total, active):
 
 
 def test_unusable_configs(tmp_path):
-    with pytest.raises(FileNotFoundError, match="config.json does not exist"):
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
         read_model_shape(tmp_path)
-    with pytest.raises(ValueError, match="unsupported architecture 'GPT2LMHeadModel'"):
+    with pytest.raises(FileNotFoundError, match="model directory .*nowhere does not exist"):
+        read_model_shape(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match=r"gpt2/config\.json: unsupported architecture "
+                                         r"'GPT2LMHeadModel'"):
         read_model_shape(_model_dir(tmp_path, "gpt2", {"architectures": ["GPT2LMHeadModel"]}))
     no_layers = {k: v for k, v in TINY_DENSE.items() if k != "num_hidden_layers"}
-    with pytest.raises(ValueError, match="field 'num_hidden_layers' is missing"):
+    with pytest.raises(ValueError, match=r"broken/config\.json: field 'num_hidden_layers' is "
+                                         "missing"):
         read_model_shape(_model_dir(tmp_path, "broken", no_layers))
     with pytest.raises(ValueError, match="ModelShape.ffn_hidden_size must be >= 1, got 0"):
         read_model_shape(_model_dir(tmp_path, "zero", {**TINY_DENSE, "intermediate_size": 0}))
@@ -162,7 +166,7 @@ def test_activation_formulas_by_hand(tmp_path):
     sbh = 16 * 2 * 64
 
     def layer(tp: int, sp: bool, scores: bool) -> float:
-        return layer_activation_bytes(shape, 16, 2, ParallelConfig(tp, 1, sp), scores=scores,
+        return layer_activation_bytes(shape, 16, 2, ParallelConfig(tp, 1, sequence_parallel=sp), scores=scores,
                                       dtype_bytes=2)
 
     assert layer(1, False, True) == sbh * (34 + 5 * 4 * 16 / 64) == 79_872  # sbh(34 + 5as/h)
@@ -307,7 +311,8 @@ def test_recipe_prints_a_fitting_plan_and_skips_cpu_runs(recipe, tmp_path, capsy
     recipe.check(args, local_executor(1))
     assert capsys.readouterr().out == ""
     # A model directory this machine cannot read (a cluster path): skipped with a warning.
-    with pytest.warns(UserWarning, match="memory plan skipped: .*config.json does not exist"):
+    with pytest.warns(UserWarning, match="memory plan skipped: model directory .*elsewhere "
+                                         "does not exist"):
         assert check_memory_fits(dataclasses.replace(
             _cfg(student), model=ModelConfig(student=str(tmp_path / "elsewhere"))), 8,
             80.0) is None

@@ -10,7 +10,10 @@ tables for the seeds' setups. The recipe's ``check`` calls :func:`check_memory_f
 the executor targets GPUs (see :func:`nemo_opd.launch.executors.executor_gpu_memory_gib`).
 
 What is counted (``s`` tokens per sequence, ``b`` rows per micro batch, ``h`` hidden size,
-``a`` heads, ``t`` the model's TP size, ``V`` vocabulary; bytes per element from the dtypes):
+``a`` heads, ``t`` the model's TP size, ``V`` its vocabulary padded to a multiple of ``t`` (the
+rows megatron builds, :meth:`HFModelConfig.padded_vocab_size`); bytes per element from the
+dtypes). Models are read by :func:`nemo_opd.models.hf_config.read_hf_config`, and a layout that
+cannot shard one (:func:`~nemo_opd.models.hf_config.check_parallel_fits`) is refused here too:
 
 A training step passes through three phases one after another on every rank: **rollout** (the
 student generates; only when the run has on-policy batches), **teacher** (teacher forward, no
@@ -30,7 +33,11 @@ Resident, all run long:
   divided by the student's data-parallel size with ``optim.use_distributed_optimizer`` (the
   grad buffer is not: the distributed optimizer reduce-scatters into a full-size buffer);
 * teacher weights: its largest stage at its own layout, in ``model.teacher_dtype``; a
-  self-distilled run loads the original weights a second time as the teacher;
+  self-distilled run loads the original weights a second time as the teacher. An MoE
+  teacher's routed experts are split by TP × EP on each rank (megatron-core splits every
+  expert by its expert-tensor-parallel size, TP, and the experts of a layer over the EP
+  ranks, which come out of the data-parallel ranks); attention by TP; router and norms
+  replicated;
 * anchor weights: ``kl_anchored`` keeps a second, frozen quantized student;
 * ModelOpt quantizer state: static block formats (INT4, INT4-AWQ, W4A8) keep one fp32 amax per
   weight block, 4/block B per quantized weight; MX and NVFP4 formats compute block scales on
@@ -52,7 +59,10 @@ Teacher (``distill.loss`` decides what survives it):
 
 * teacher logits ``[b_t, s, V/t_t]`` in the teacher dtype, ``b_t = b · t_t/t_s`` when the
   teacher's TP group spans several student data-parallel ranks (it scores their batches in
-  one forward), the fp32 chunk workspace (top-k, as below), and one layer's working set.
+  one forward), the fp32 chunk workspace (top-k, as below), and one layer's working set (for
+  an MoE layer the dense formula stands in for the routed MLP: its ``k`` experts of width
+  ``f_e`` per token are about a dense MLP, ``k·f_e = 3h`` for Qwen3-30B-A3B; EP moves tokens,
+  balanced on average, not their count).
 
 Student (forward, then backward):
 
@@ -91,9 +101,10 @@ at PP > 1) and the larger is reported; the teacher's largest stage and its logit
 on every rank (its stages need not sit with the student's).
 
 Not modelled: an MoE *student* (nemo_opd trains dense students; MoE configs are read for
-teachers), expert parallelism (experts are TP-sharded, EP = 1), context parallelism, CPU
-offload, LoRA's ``r``-wide activations, and evaluation/export (they run one model without a step
-in flight, below the training peak).
+teachers), an uneven expert load under EP (the all-to-all's receive buffers of a rank whose
+experts draw more than their share of tokens), context parallelism, CPU offload, LoRA's
+``r``-wide activations, and evaluation/export (they run one model without a step in flight,
+below the training peak).
 """
 
 from __future__ import annotations
@@ -102,7 +113,6 @@ import argparse
 import dataclasses
 import functools
 import importlib.util
-import json
 import math
 import sys
 import warnings
@@ -110,7 +120,7 @@ from pathlib import Path
 from typing import Any
 
 from nemo_opd.config import RunConfig
-from nemo_opd.models.architectures import ARCHITECTURES, ArchitectureTraits
+from nemo_opd.models.hf_config import HFModelConfig, check_parallel_fits, read_hf_config
 from nemo_opd.quant.formats import FORMATS
 from nemo_opd.runtime import ParallelConfig
 
@@ -147,20 +157,15 @@ LOSS_CHUNK_ELEMENTS = 2**25
 LOSS_CHUNK_BUFFERS = 6
 """fp32 chunk buffers the loss (or the teacher's top-k) keeps while it runs."""
 
-# Architectures the planner reads beyond nemo_opd.models' (MoE teachers; nemo_opd.models does not
-# import them yet).
-_MOE_ARCHITECTURES = {
-    "Qwen3MoeForCausalLM": ArchitectureTraits(qk_layernorm=True, qkv_bias_field="attention_bias"),
-}
-
-
 class MemoryBudgetError(ValueError):
     """The estimated peak memory per GPU exceeds the GPU's memory."""
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelShape:
-    """The sizes of a decoder-only model that set its memory, read from its ``config.json``.
+    """The sizes of a decoder-only model that set its memory: the fields of
+    :class:`nemo_opd.models.hf_config.HFModelConfig` the planner counts with, under the same
+    names (:meth:`from_hf_config`).
 
     Every supported family has gated (SwiGLU) MLPs: gate, up and down projections of width
     ``ffn_hidden_size`` (``moe_ffn_hidden_size`` per expert in MoE layers)."""
@@ -168,7 +173,8 @@ class ModelShape:
     architecture: str
     """The single ``architectures`` entry of ``config.json``."""
     vocab_size: int
-    """Vocabulary rows of the embedding and the output layer."""
+    """Tokens of the vocabulary ``V`` (the embedding and output layer hold
+    :meth:`padded_vocab_size` rows)."""
     hidden_size: int
     """Model width ``h``."""
     num_layers: int
@@ -208,9 +214,20 @@ class ModelShape:
                              f"{self.num_experts}, {self.experts_per_token}, "
                              f"{self.moe_ffn_hidden_size}")
 
+    @classmethod
+    def from_hf_config(cls, config: HFModelConfig) -> ModelShape:
+        """The shape of a parsed ``config.json`` (every field has the same name there)."""
+        return cls(**{field.name: getattr(config, field.name)
+                      for field in dataclasses.fields(cls)})
+
     @property
     def is_moe(self) -> bool:
         return bool(self.moe_layers)
+
+    def padded_vocab_size(self, tp: int) -> int:
+        """Rows of the embedding and output layer at TP = ``tp``: ``V`` rounded up to a multiple
+        of ``tp``, as :meth:`HFModelConfig.padded_vocab_size` builds the model."""
+        return -(-self.vocab_size // tp) * tp
 
     def attention_weights(self) -> int:
         """q, k, v and o matrices of one layer: ``h·(a + 2g)·d + a·d·h``."""
@@ -224,20 +241,27 @@ class ModelShape:
             return self.num_experts * 3 * self.hidden_size * self.moe_ffn_hidden_size
         return 3 * self.hidden_size * self.ffn_hidden_size
 
-    def quantized_weights(self, layer: int) -> int:
-        """Weights ModelOpt quantizes in ``layer`` (every decoder linear; not the router)."""
-        return self.attention_weights() + self.mlp_weights(layer)
+    def quantized_weights(self, layer: int, tp: int = 1, ep: int = 1) -> float:
+        """Weights ModelOpt quantizes in ``layer`` (every decoder linear; not the router) on one
+        rank of TP = ``tp`` and EP = ``ep``: attention and a dense MLP split by TP, the experts
+        of an MoE layer by TP × EP (megatron splits each expert by its expert-tensor-parallel
+        size, TP, and the experts over EP). ``tp = ep = 1``: the whole layer's."""
+        attention = self.attention_weights()
+        if layer in self.moe_layers:
+            return attention / tp + self.mlp_weights(layer) / (tp * ep)
+        return (attention + self.mlp_weights(layer)) / tp
 
-    def layer_params(self, layer: int, tp: int = 1) -> float:
-        """Parameters of ``layer`` on one of ``tp`` ranks: linears and the q/k/v bias split by
-        TP; the two layer norms, the q/k norms and the MoE router replicated."""
+    def layer_params(self, layer: int, tp: int = 1, ep: int = 1) -> float:
+        """Parameters of ``layer`` on one rank of TP = ``tp`` and EP = ``ep``: linears (experts
+        by TP × EP, see :meth:`quantized_weights`) and the q/k/v bias split; the two layer
+        norms, the q/k norms and the MoE router replicated."""
         h, d = self.hidden_size, self.head_dim
         bias = (self.num_attention_heads + 2 * self.num_key_value_heads) * d if self.qkv_bias \
             else 0
         replicated = 2 * h + (2 * d if self.qk_layernorm else 0)
         if layer in self.moe_layers:
             replicated += h * self.num_experts
-        return (self.quantized_weights(layer) + bias) / tp + replicated
+        return self.quantized_weights(layer, tp, ep) + bias / tp + replicated
 
     def lora_params(self, rank: int, tp: int) -> float:
         """LoRA adapters of one layer on one of ``tp`` ranks (``nemo_opd.quant.lora``: on
@@ -263,55 +287,25 @@ class ModelShape:
 
 
 def read_model_shape(model_dir: str | Path) -> ModelShape:
-    """:class:`ModelShape` from ``model_dir/config.json`` (the raw JSON: no weight, no
-    transformers). Dense families are those of :data:`nemo_opd.models.ARCHITECTURES`; Qwen3-MoE
-    (``num_experts`` or ``num_local_experts``, ``num_experts_per_tok``,
-    ``moe_intermediate_size``, ``decoder_sparse_step``, ``mlp_only_layers``) is read as well.
+    """:class:`ModelShape` of ``model_dir/config.json``, parsed by
+    :func:`nemo_opd.models.hf_config.read_hf_config` (the raw JSON: no weight, no transformers),
+    so the planner reads exactly the families, fields and refusals the model builder does.
 
-    Raises ``FileNotFoundError`` without ``config.json`` and ``ValueError`` naming the field
-    for an unusable one."""
+    Raises ``FileNotFoundError`` without the directory or its ``config.json`` and ``ValueError``
+    naming the file (and the field) for an unusable one."""
+    return ModelShape.from_hf_config(_read_config(model_dir))
+
+
+def _read_config(model_dir: str | Path) -> HFModelConfig:
     path = Path(model_dir) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist (an HF model directory holds it)")
-    raw = json.loads(path.read_text())
-    architectures = raw.get("architectures") or []
-    if len(architectures) != 1:
-        raise ValueError(f"{path}: expected one entry in 'architectures', got {architectures!r}")
-    architecture = architectures[0]
-    traits = ARCHITECTURES.get(architecture) or _MOE_ARCHITECTURES.get(architecture)
-    if traits is None:
-        known = ", ".join(sorted({*ARCHITECTURES, *_MOE_ARCHITECTURES}))
-        raise ValueError(f"{path}: unsupported architecture {architecture!r}; the planner "
-                         f"reads {known}")
     try:
-        heads = int(raw["num_attention_heads"])
-        layers = int(raw["num_hidden_layers"])
-        experts = int(raw.get("num_experts") or raw.get("num_local_experts") or 0)
-        step = int(raw.get("decoder_sparse_step") or 1)
-        dense_only = {int(i) for i in raw.get("mlp_only_layers") or ()}
-        qkv_bias = traits.default_qkv_bias
-        if traits.qkv_bias_field is not None:
-            qkv_bias = bool(raw.get(traits.qkv_bias_field, qkv_bias))
-        return ModelShape(
-            architecture=architecture,
-            vocab_size=int(raw["vocab_size"]),
-            hidden_size=int(raw["hidden_size"]),
-            num_layers=layers,
-            num_attention_heads=heads,
-            num_key_value_heads=int(raw.get("num_key_value_heads") or heads),
-            head_dim=int(raw.get("head_dim") or int(raw["hidden_size"]) // heads),
-            ffn_hidden_size=int(raw["intermediate_size"]),
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            qk_layernorm=traits.qk_layernorm,
-            qkv_bias=qkv_bias,
-            num_experts=experts,
-            experts_per_token=int(raw.get("num_experts_per_tok") or 0) if experts else 0,
-            moe_ffn_hidden_size=int(raw.get("moe_intermediate_size") or 0) if experts else 0,
-            moe_layers=tuple(i for i in range(layers) if experts and i not in dense_only
-                             and (i + 1) % step == 0),
-        )
-    except KeyError as err:
+        return read_hf_config(model_dir)
+    except KeyError as err:  # a field every config.json must have
         raise ValueError(f"{path}: field {err.args[0]!r} is missing") from None
+    except ValueError as err:
+        if str(path) in str(err):
+            raise
+        raise ValueError(f"{path}: {err}") from None
 
 
 def layer_activation_bytes(shape: ModelShape, tokens: int, rows: int, parallel: ParallelConfig,
@@ -381,11 +375,13 @@ class _Stage:
     last: bool
 
     def params(self, shape: ModelShape, parallel: ParallelConfig) -> float:
-        """Parameters on one TP rank: layers, the embedding on the first stage, the output
-        layer (untied, or the tied copy at PP > 1) and the final norm on the last."""
+        """Parameters on one rank: layers (experts split by TP × EP), the embedding (padded
+        vocabulary rows, split by TP) on the first stage, the output layer (untied, or the tied
+        copy at PP > 1) and the final norm on the last."""
         t, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
-        matrix = shape.vocab_size * shape.hidden_size / t
-        total = sum(shape.layer_params(i, t) for i in self.layers)
+        matrix = shape.padded_vocab_size(t) * shape.hidden_size / t
+        total = sum(shape.layer_params(i, t, parallel.expert_model_parallel_size)
+                    for i in self.layers)
         if self.first:
             total += matrix
         if self.last:
@@ -394,8 +390,9 @@ class _Stage:
         return total
 
     def quantized(self, shape: ModelShape, parallel: ParallelConfig) -> float:
-        return sum(shape.quantized_weights(i) for i in self.layers) \
-            / parallel.tensor_model_parallel_size
+        return sum(shape.quantized_weights(i, parallel.tensor_model_parallel_size,
+                                           parallel.expert_model_parallel_size)
+                   for i in self.layers)
 
 
 def _stages(shape: ModelShape, parallel: ParallelConfig) -> list[_Stage]:
@@ -524,9 +521,11 @@ def _plan_stage(cfg: RunConfig, world_size: int, student: ModelShape, teacher: M
                              if model.self_distillation else ""),
         "resident", teacher_params * t_bytes,
         f"{_params(teacher_params)} params x {t_bytes} B ({model.teacher_dtype}), TP={t_tp} "
-        f"PP={t_par.pipeline_model_parallel_size}",
-        "raise model.teacher_parallel.tensor_model_parallel_size (with distill.loss=topk when "
-        "it differs from the student's)")
+        f"PP={t_par.pipeline_model_parallel_size}"
+        + (f" EP={t_par.expert_model_parallel_size}" if teacher.is_moe else ""),
+        "raise model.teacher_parallel.tensor_model_parallel_size"
+        + (" or expert_model_parallel_size" if teacher.is_moe else "")
+        + " (with distill.loss=topk when it differs from the student's)")
     if anchor:
         add("anchor weights (kl_anchored)", "resident", weights * s_bytes,
             f"{_params(weights)} params x {s_bytes} B", raise_student)
@@ -557,12 +556,13 @@ def _plan_stage(cfg: RunConfig, world_size: int, student: ModelShape, teacher: M
 
     # Teacher scoring.
     teacher_rows = rows * max(1, t_tp // s_tp)
-    teacher_elements = teacher_rows * tokens * teacher.vocab_size / t_tp
+    teacher_vocab = teacher.padded_vocab_size(t_tp)
+    teacher_elements = teacher_rows * tokens * teacher_vocab / t_tp
     add("teacher logits + top-k workspace + 1 layer", "teacher",
         teacher_elements * t_bytes + _loss_workspace_bytes(teacher_elements)
         + layer_activation_bytes(teacher, tokens, teacher_rows, t_par, scores=not flash,
                                  dtype_bytes=t_bytes),
-        f"[{teacher_rows}, {tokens}, {teacher.vocab_size}/{t_tp}] x {t_bytes} B",
+        f"[{teacher_rows}, {tokens}, {teacher_vocab}/{t_tp}] x {t_bytes} B",
         "lower optim.micro_batch_size; raise model.teacher_parallel.tensor_model_parallel_size")
 
     # Student pass.
@@ -582,10 +582,11 @@ def _plan_stage(cfg: RunConfig, world_size: int, student: ModelShape, teacher: M
         f"{held} layer copies x {_params(per_layer_quantized)} x {s_bytes} B",
         f"model.recompute_granularity=full; {raise_student}")
     if stage.last:
-        elements = rows * tokens * student.vocab_size / s_tp
+        student_vocab = student.padded_vocab_size(s_tp)
+        elements = rows * tokens * student_vocab / s_tp
         logits, workspace = elements * s_bytes, _loss_workspace_bytes(elements)
         if cfg.distill.loss == "full":
-            held_teacher = rows * tokens * teacher.vocab_size / t_tp * t_bytes
+            held_teacher = rows * tokens * teacher_vocab / t_tp * t_bytes
             kind = "teacher logits"
         elif cfg.distill.loss == "topk" or t_tp != s_tp:
             held_teacher = rows * tokens * (12 * cfg.distill.topk + 4)
@@ -595,7 +596,7 @@ def _plan_stage(cfg: RunConfig, world_size: int, student: ModelShape, teacher: M
             kind = "teacher log-probs"
         add("logits: student + loss gradient + " + kind + (" + anchor" if anchor else ""),
             "student", logits * (3 if anchor else 2) + held_teacher + workspace,
-            f"{3 if anchor else 2} x [{rows}, {tokens}, {student.vocab_size}/{s_tp}] x "
+            f"{3 if anchor else 2} x [{rows}, {tokens}, {student_vocab}/{s_tp}] x "
             f"{s_bytes} B + {kind} "
             f"{_gib(held_teacher)} + loss chunks {_gib(workspace)}",
             f"lower optim.micro_batch_size; raise {student_tp}"
@@ -609,7 +610,9 @@ def _plan_stage(cfg: RunConfig, world_size: int, student: ModelShape, teacher: M
         FRAGMENTATION * tensors, "estimate")
     rank = (f"{stage.name}: student TP={s_tp} PP={s_par.pipeline_model_parallel_size} "
             f"DP={dp}{' SP' if s_par.sequence_parallel else ''}, teacher TP={t_tp} "
-            f"PP={t_par.pipeline_model_parallel_size}; {rows} rows x {tokens} tokens per micro "
+            f"PP={t_par.pipeline_model_parallel_size}"
+            + (f" EP={t_par.expert_model_parallel_size}" if teacher.is_moe else "")
+            + f"; {rows} rows x {tokens} tokens per micro "
             f"batch, {in_flight} in flight")
     return MemoryPlan(rank, tuple(items))
 
@@ -621,15 +624,32 @@ def plan_memory(cfg: RunConfig, world_size: int, *, student: ModelShape | None =
     ``cfg.model.student``/``teacher`` (the student's for self-distillation); nothing but
     ``config.json`` is read.
 
-    Raises ``ValueError`` for an MoE student or a world size the layout does not divide."""
-    student = student or read_model_shape(cfg.model.student)
-    if teacher is None:
-        teacher = student if cfg.model.self_distillation else read_model_shape(cfg.model.teacher)
+    Raises ``ValueError`` for an MoE student, a layout that cannot shard a model read here
+    (:func:`nemo_opd.models.hf_config.check_parallel_fits`: heads, layers, MLP widths, experts
+    by EP) or a world size the layouts do not divide."""
+    model = cfg.model
+    configs: dict[str, HFModelConfig] = {}
+    if student is None:
+        configs["student"] = _read_config(model.student)
+        student = ModelShape.from_hf_config(configs["student"])
     if student.is_moe:
-        raise ValueError(f"{cfg.model.student}: an MoE student ({student.architecture}) cannot "
+        raise ValueError(f"{model.student}: an MoE student ({student.architecture}) cannot "
                          "be planned: nemo_opd trains dense students (MoE configs are read for "
                          "teachers)")
-    cfg.model.teacher_parallel.data_parallel_size(world_size)  # raises when it does not divide
+    if teacher is None and model.self_distillation:
+        teacher = student
+        if "student" in configs:
+            configs["teacher"] = configs["student"]
+    elif teacher is None:
+        configs["teacher"] = _read_config(model.teacher)
+        teacher = ModelShape.from_hf_config(configs["teacher"])
+    for role, config in configs.items():
+        try:
+            check_parallel_fits(config, getattr(model, f"{role}_parallel"))
+        except ValueError as err:
+            where = getattr(model, role) or model.student
+            raise ValueError(f"model.{role}_parallel does not fit {where}: {err}") from None
+    model.teacher_parallel.data_parallel_size(world_size)  # raises when it does not divide
     plans = [_plan_stage(cfg, world_size, student, teacher, stage, flash_attention)
              for stage in _stages(student, cfg.model.student_parallel)]
     return max(plans, key=lambda plan: plan.peak_bytes)
