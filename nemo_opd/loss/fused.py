@@ -147,6 +147,9 @@ def fused_generalized_jsd(
         student_hidden: ``[..., H_s]`` final hidden states (megatron ``[s, b, H_s]``),
             replicated over TP (no sequence parallelism).
         student_weight: ``[V/tp, H_s]`` this rank's vocabulary rows of the output layer.
+            A vocabulary padded for TP (:mod:`nemo_opd.models.vocab`) is not masked here: its
+            zero rows would count as ids with logit 0, so use :func:`generalized_jsd` on the
+            model's (masked) logits for such models.
         teacher_hidden: ``[..., H_t]``; teacher_weight: ``[V/tp, H_t]`` (same vocab shard);
             treated as constants (no gradient). Each side's hidden states and weight share a
             dtype; the math runs in float32 (float64 if the student is float64).
