@@ -287,23 +287,34 @@ def llama31_8b_mxfp4() -> run.Partial:
 
 @run.cli.factory(target=onpolicy_qat)
 def qwen3_4b_from_qwen3_30b_a3b() -> run.Partial:
-    """Qwen3-4B-Instruct-2507, INT4 weights, distilled from Qwen3-30B-A3B-Instruct-2507 (MoE,
-    bf16), teacher-seeded (seed 004: 20 teacher tokens at step 0, down to 0 over 50 steps),
-    top-k loss, GSM8K. One node of 8×H100-80GB: student TP=STUDENT_TP (DP=STUDENT_DP), teacher
-    TP=TEACHER_TP on its own layout (teacher_seeded needs teacher TP <= student TP, PP = EP =
-    1). The memory planner: QWEN_PEAK GiB per GPU (docs/scaling.md)."""
+    """Qwen3-4B-Instruct-2507, INT4 weights (block 128), distilled from the MoE
+    Qwen3-30B-A3B-Instruct-2507 in bf16: teacher-seeded (seed 004's schedule: 20 teacher tokens
+    at step 0, down to 0 over 50 steps), top-k reverse KL, GSM8K.
+
+    One node of 8×H100-80GB: student TP=4 (DP=2), teacher TP=2 (DP=4, EP=1) on its own layout
+    (teacher_seeded needs teacher TP <= student TP and teacher PP = EP = 1). The memory planner:
+    52.3 GiB per GPU (teacher 28.5 GiB of it); the whole teacher (TP=1, 56.9 GiB) fits only
+    beside a student at TP=8, with 2.8 GiB to spare (77.2 GiB; TP=4: 82.1 GiB, over)
+    (docs/scaling.md). Export is off at TP > 1 (``export.enabled=true`` restores the student
+    whole from its checkpoint)."""
     return _size_distillation(
         "/models/Qwen3-4B-Instruct-2507", "/models/Qwen3-30B-A3B-Instruct-2507", "int4",
-        student_tp=2,
-        teacher_parallel=ParallelConfig(tensor_model_parallel_size=1),
+        student_tp=4,
+        teacher_parallel=ParallelConfig(tensor_model_parallel_size=2),
         strategy=StrategyConfig(name="teacher_seeded", seed_tokens=20, seed_decay_steps=50))
 
 
 @run.cli.factory(target=onpolicy_qat)
 def llama31_8b_from_llama33_70b() -> run.Partial:
-    """Llama-3.1-8B-Instruct, MXFP4 weights, distilled from Llama-3.3-70B-Instruct (bf16),
-    on-policy (λ = 1) top-k reverse KL, GSM8K. LLAMA_LAYOUT The memory planner: LLAMA_PEAK GiB
-    per GPU (docs/scaling.md)."""
+    """Llama-3.1-8B-Instruct, MXFP4 weights, distilled from Llama-3.3-70B-Instruct in bf16:
+    on-policy GKD (λ = 1), top-k reverse KL, GSM8K.
+
+    One node of 8×H100-80GB: student TP=2 (DP=4), teacher TP=8 (one teacher TP group scores
+    the batches of the 4 student data-parallel ranks; its 131 GiB of weights need all 8 GPUs).
+    The memory planner: 72.6 GiB per GPU (teacher 16.4 GiB of it), 7.4 GiB to spare; student
+    TP=4 plans at 54.7 GiB, and two nodes with the teacher at TP=8 PP=2 at 58.1 GiB
+    (docs/scaling.md). teacher_seeded is not available here (teacher TP > student TP). Export is
+    off at TP > 1 (``export.enabled=true`` restores the student whole from its checkpoint)."""
     return _size_distillation(
         "/models/Llama-3.1-8B-Instruct", "/models/Llama-3.3-70B-Instruct", "mxfp4",
         student_tp=2,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import io
+import math
 import re
 import subprocess
 import sys
@@ -138,18 +139,61 @@ def test_bad_overrides(recipe, arg, message):
 
 def test_presets_and_unknown_preset(recipe):
     names = set(presets(recipe.onpolicy_qat))
-    assert names == {"tiny", "qwen3_4b_int4", "llama31_8b_mxfp4"}
+    assert names == {"tiny", "qwen3_4b_int4", "llama31_8b_mxfp4", "qwen3_4b_from_qwen3_30b_a3b",
+                     "llama31_8b_from_llama33_70b"}
     with pytest.raises(RecipeError, match=r"unknown preset 'qwen3_4b_int8'; did you mean "
                                           r"qwen3_4b_int4"):
         resolve_preset(recipe.onpolicy_qat, "qwen3_4b_int8", recipe.tiny)
     for name in names:  # every preset builds into a valid RunConfig
         args = built_arguments(resolve_preset(recipe.onpolicy_qat, name, recipe.tiny))
-        recipe.check(args, None if name == "tiny" else local_executor(
-            args["model"].student_parallel.model_parallel_size))
+        model = args["model"]
+        recipe.check(args, None if name == "tiny" else local_executor(math.lcm(
+            model.student_parallel.model_parallel_size,
+            model.teacher_parallel.model_parallel_size)))
     tiny = built_arguments(recipe.tiny())
     assert tiny["model"].student == DEMO and tiny["data"].train_files == (DEMO,)
     llama = built_arguments(recipe.llama31_8b_mxfp4())
     assert llama["quant"].format == "mxfp4" and llama["model"].student_dtype == "bfloat16"
+
+
+def _run_config(args: dict) -> RunConfig:
+    return RunConfig(**{f.name: args[f.name] for f in dataclasses.fields(RunConfig)})
+
+
+def test_size_distillation_presets_build_valid_run_configs(recipe):
+    """The two size-distillation presets: a larger bf16 teacher on its own layout, the top-k
+    loss, GSM8K; Qwen3-30B-A3B teacher-seeded with seed 004's schedule, Llama-3.3-70B on-policy
+    GKD from a teacher TP larger than the student's (which rules teacher_seeded out)."""
+    qwen = built_arguments(recipe.qwen3_4b_from_qwen3_30b_a3b())
+    cfg = _run_config(qwen)
+    assert (cfg.model.student, cfg.model.teacher) == ("/models/Qwen3-4B-Instruct-2507",
+                                                      "/models/Qwen3-30B-A3B-Instruct-2507")
+    assert not cfg.model.self_distillation
+    assert (cfg.model.student_parallel, cfg.model.teacher_parallel) == (
+        ParallelConfig(tensor_model_parallel_size=4), ParallelConfig(tensor_model_parallel_size=2))
+    assert (cfg.model.student_dtype, cfg.model.teacher_dtype) == ("bfloat16", "bfloat16")
+    assert cfg.quant.format == "int4" and cfg.distill.loss == "topk"
+    strategy = cfg.distill.strategy
+    assert (strategy.name, strategy.seed_tokens, strategy.seed_decay_steps) == (
+        "teacher_seeded", 20, 50)
+    assert qwen["evaluation"] == EvalPlan(tasks=("gsm8k",), limit=None)
+
+    llama = built_arguments(recipe.llama31_8b_from_llama33_70b())
+    cfg = _run_config(llama)
+    assert (cfg.model.student, cfg.model.teacher) == ("/models/Llama-3.1-8B-Instruct",
+                                                      "/models/Llama-3.3-70B-Instruct")
+    assert (cfg.model.student_parallel, cfg.model.teacher_parallel) == (
+        ParallelConfig(tensor_model_parallel_size=2), ParallelConfig(tensor_model_parallel_size=8))
+    assert cfg.model.teacher_dtype == "bfloat16" and cfg.quant.format == "mxfp4"
+    assert (cfg.distill.strategy.name, cfg.distill.lmbda, cfg.distill.loss) == (
+        "on_policy_gkd", 1.0, "topk")
+    assert cfg.needs_rollouts and llama["evaluation"].tasks == ("gsm8k",)
+    # Overrides reach the new presets like any other: teacher_seeded is refused at this layout.
+    task = recipe.llama31_8b_from_llama33_70b()
+    apply_overrides(task, ["distill.strategy.name=teacher_seeded"])
+    with pytest.raises(ValueError, match=r"'teacher_seeded' needs teacher TP \(8\) <= student "
+                                         r"TP \(2\)"):
+        recipe.check(built_arguments(task), local_executor(8))
 
 
 def test_check_validates_the_whole_config(recipe):

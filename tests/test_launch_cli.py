@@ -1,6 +1,7 @@
 """The commands exactly as users type them, as subprocesses: `nemo run recipes/onpolicy_qat.py
 --help`, an unknown key and a layout that does not fit the GPUs rejected before anything runs,
-`slurm/submit.sh --dryrun` writing the 2 × 8 sbatch, and the sweep's dry run. The processes
+`slurm/submit.sh --dryrun` writing the 2 × 8 sbatch and the size-distillation presets' 1 × 8
+sbatch (their memory plans printed), and the sweep's dry run. The processes
 start together (each spends most of its time importing); each test reads its own result."""
 
 from __future__ import annotations
@@ -16,6 +17,18 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 RECIPE = "recipes/onpolicy_qat.py"
+CONFIGS = ROOT / "docs/model_configs"
+# The size-distillation presets on one node of 8 × H100-80GB, with the models' config.json
+# copies (docs/model_configs) standing in for /models so the memory plan runs: the plan's
+# title and the peak the preset's docstring states.
+SIZE_PRESETS = {
+    "qwen3_4b_from_qwen3_30b_a3b": (
+        "Qwen3-4B", "Qwen3-30B-A3B",
+        "student TP=4 PP=1 DP=2, teacher TP=2 PP=1 EP=1; 4 rows x 788 tokens", "52.3"),
+    "llama31_8b_from_llama33_70b": (
+        "Llama-3.1-8B-Instruct", "Llama-3.3-70B-Instruct",
+        "student TP=2 PP=1 DP=4, teacher TP=8 PP=1; 4 rows x 768 tokens", "72.6"),
+}
 
 
 def _commands(tmp: Path) -> dict[str, tuple[list[str], dict[str, str]]]:
@@ -35,6 +48,12 @@ def _commands(tmp: Path) -> dict[str, tuple[list[str], dict[str, str]]]:
         "sweep": ([nemo, "run", "recipes/sweep.py", "--dryrun", "lmbdas=[0,1]", "betas=[0,1]",
                    "lrs=[1e-5]", "overrides=[optim.steps=3,optim.warmup_steps=0]",
                    f"output_root={tmp}/sweep"], {}),
+        **{preset: (["bash", "slurm/submit.sh", "--dryrun", f"model.student={CONFIGS / student}",
+                     f"model.teacher={CONFIGS / teacher}"],
+                    {**slurm_env, "PRESET": preset, "NODES": "1",
+                     "NEMORUN_HOME": str(tmp / preset / "home"),
+                     "NEMO_OPD_SBATCH_OUT": str(tmp / preset / "job.sbatch")})
+           for preset, (student, teacher, _, _) in SIZE_PRESETS.items()},
     }
 
 
@@ -43,6 +62,8 @@ def results(tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
     tmp = tmp_path_factory.mktemp("cli")
     base = {**os.environ, "OMP_NUM_THREADS": "1", "NEMORUN_HOME": str(tmp / "home"),
             "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    for preset in SIZE_PRESETS:
+        (tmp / preset).mkdir()
     procs = {name: subprocess.Popen(cmd, cwd=ROOT, env={**base, **env}, text=True,
                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT)
@@ -59,7 +80,8 @@ def test_help_lists_presets_and_every_field(results):
     help_run = results["help"]
     assert help_run.returncode == 0, help_run.stdout[-3000:]
     text = help_run.stdout
-    assert "Presets (--factory NAME): llama31_8b_mxfp4, qwen3_4b_int4, tiny (default)" in text
+    assert ("Presets (--factory NAME): llama31_8b_from_llama33_70b, llama31_8b_mxfp4, "
+            "qwen3_4b_from_qwen3_30b_a3b, qwen3_4b_int4, tiny (default)") in text
     for line in ("distill.beta = 1.0", "quant.format = 'int4'", "optim.lr = 0.0001",
                  "model.student_parallel.tensor_model_parallel_size = 1",
                  "evaluation.tasks = ()", "export.dtype = 'bfloat16'", "seed = 1234"):
@@ -97,6 +119,37 @@ def test_submit_dryrun_writes_the_two_node_sbatch(results):
     config = next((results["tmp"] / "home").rglob("*_config.yaml")).read_text()
     assert "/lustre/u/nemo_opd/runs/qwen3_4b_int4_2x8" in config
     assert "/lustre/u/Qwen3-4B" in config and "/lustre/u/prompts.jsonl" in config
+
+
+@pytest.mark.parametrize("preset", sorted(SIZE_PRESETS))
+def test_size_distillation_presets_dryrun_one_h100_node(results, preset):
+    """`PRESET=<preset> NODES=1 slurm/submit.sh --dryrun`: the memory plan passes on 8 GPUs of
+    80 GiB (the figure of the preset's docstring) and a valid one-node sbatch is written, its
+    job running the preset's teacher, strategy and GSM8K evaluation."""
+    student, teacher, layout, peak = SIZE_PRESETS[preset]
+    run = results[preset]
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert f"Memory per GPU, the only pipeline stage: {layout}" in run.stdout
+    assert re.search(rf"= {peak} GiB per GPU\nGPU memory 80\.0 GiB: fits, \d+\.\d GiB to spare",
+                     run.stdout), run.stdout[-3000:]
+    script = (results["tmp"] / preset / "job.sbatch").read_text()
+    subprocess.run(["bash", "-n"], input=script, text=True, check=True)  # valid bash
+    flags = set(re.findall(r"^#SBATCH (\S+)$", script, re.M))
+    assert {"--nodes=1", "--gpus-per-node=8", "--ntasks-per-node=1", "--account=acct",
+            "--partition=batch", "--requeue", "--exclusive", "--signal=USR1@300",
+            f"--job-name=nemo_opd-{preset}_1x8"} <= flags
+    srun = next(line for line in script.splitlines()
+                if line.startswith("srun ") and "torchrun" in line)
+    # One node: NeMo-Run's torchrun rendezvous stays on the node.
+    assert re.search(r"torchrun --rdzv-backend c10d --rdzv-endpoint localhost:0 --rdzv-id \d+ "
+                     r"--nnodes 1 --nproc-per-node 8 --node-rank 0 ", srun)
+    assert "--container-image /shared/containers/nemo_opd.sqsh" in srun
+    config = next((results["tmp"] / preset / "home").rglob("*_config.yaml")).read_text()
+    assert f"/lustre/u/nemo_opd/runs/{preset}_1x8" in config
+    assert f"teacher: {CONFIGS / teacher}" in config and "- gsm8k" in config
+    assert "loss: topk" in config
+    strategy = "teacher_seeded" if "qwen" in preset else "on_policy_gkd"
+    assert re.search(rf"strategy:\n(    .*\n)*    name: {strategy}\n", config)
 
 
 def test_slurm_layout_that_does_not_fit_is_refused_before_submission(results):
