@@ -166,8 +166,8 @@ def test_activation_formulas_by_hand(tmp_path):
     sbh = 16 * 2 * 64
 
     def layer(tp: int, sp: bool, scores: bool) -> float:
-        return layer_activation_bytes(shape, 16, 2, ParallelConfig(tp, 1, sequence_parallel=sp), scores=scores,
-                                      dtype_bytes=2)
+        return layer_activation_bytes(shape, 16, 2, ParallelConfig(tp, sequence_parallel=sp),
+                                      scores=scores, dtype_bytes=2)
 
     assert layer(1, False, True) == sbh * (34 + 5 * 4 * 16 / 64) == 79_872  # sbh(34 + 5as/h)
     assert layer(1, False, False) == sbh * 34
@@ -260,6 +260,110 @@ def test_recompute_pipeline_and_teacher_layouts_by_hand(tmp_path):
         2 * (2 * 16 * 1000 * 2) + 2 * 16 * (12 * 64 + 4) + 6 * 4 * 2 * 16 * 1000
 
 
+def test_moe_teacher_expert_parallelism_by_hand(tmp_path):
+    """Experts are split by TP x EP on each rank, attention by TP, router and norms replicated:
+    at the same TP, EP=2 holds half the expert bytes of EP=1; nothing else changes."""
+    dense = _model_dir(tmp_path, "dense", TINY_DENSE)
+    moe = _model_dir(tmp_path, "moe", TINY_MOE)
+
+    def teacher(tp: int, ep: int, world: int):
+        return plan_memory(_cfg(dense, moe, distill={"loss": "topk"}, model={
+            "student_parallel": ParallelConfig(tp),
+            "teacher_parallel": ParallelConfig(tp, expert_model_parallel_size=ep)}), world)
+
+    # TP=1: the whole teacher (301248 params); EP=2 keeps 4 of the 8 experts of layer 1:
+    # 301248 - 8·3·64·32/2 = 276672.
+    ep1, ep2 = teacher(1, 1, 2), teacher(1, 2, 2)
+    assert _items(ep1)["teacher weights"] == TINY_MOE_PARAMS * 2
+    assert _items(ep2)["teacher weights"] == (TINY_MOE_PARAMS - 24_576) * 2 == 276_672 * 2
+    assert "teacher TP=1 PP=1 EP=2;" in ep2.rank
+    same = {k: v for k, v in _items(ep1).items() if k != "teacher weights"
+            and not k.startswith("allocator")}
+    assert same == {k: v for k, v in _items(ep2).items() if k in same}
+    # TP=2: per rank, dense layers 0, 2, 3 (12288 + 24576)/2 + 160 = 18592 each; MoE layer 1
+    # 12288/2 + 49152/(2·ep) + 512 + 160; embedding + output 2·1000·64/2; final norm 64.
+    experts_tp2 = 49_152 / 2
+    for ep in (1, 2):
+        expected = 3 * 18_592 + 6_144 + experts_tp2 / ep + 672 + 64_000 + 64
+        assert _items(teacher(2, ep, 4))["teacher weights"] == expected * 2
+    assert expected == 138_944
+
+    # Qwen3-30B-A3B at TP=2: 48 layers x 128 experts x 3·2048·768 split by TP, then by EP.
+    student, big = CONFIGS / "Qwen3-4B", CONFIGS / "Qwen3-30B-A3B"
+    experts_per_rank = 48 * 128 * 3 * 2048 * 768 / 2  # 14.5B parameters at EP=1
+
+    def qwen(ep: int) -> float:
+        return _items(plan_memory(_cfg(student, big, distill={"loss": "topk"}, model={
+            "student_parallel": ParallelConfig(2),
+            "teacher_parallel": ParallelConfig(2, expert_model_parallel_size=ep)}), 8)
+        )["teacher weights"]
+
+    assert qwen(1) - qwen(2) == pytest.approx(experts_per_rank / 2 * 2)  # 13.5 GiB of bf16
+    assert qwen(2) - qwen(4) == pytest.approx(experts_per_rank / 4 * 2)
+
+
+def test_padded_vocabulary_rows_by_hand(tmp_path):
+    """V = 1001 at TP=2: the embedding, output layer and logits hold 1002 rows, 501 per rank."""
+    odd = _model_dir(tmp_path, "odd", {**TINY_DENSE, "vocab_size": 1001})
+    layout = ParallelConfig(2)
+    plan = plan_memory(_cfg(odd, model={"student_parallel": layout,
+                                        "teacher_parallel": layout}), 2)
+    items = _items(plan)
+    # 2 x 1002·64/2 + 4 layers x ((12288 + 24576)/2 + 128) + final norm 64 = 138432.
+    assert items["student weights"] == 138_432 * 2
+    elements = 2 * 16 * 501  # [rows, tokens, 1002/2]
+    assert items["logits: student + loss gradient + teacher logits"] == \
+        3 * elements * 2 + 6 * 4 * elements
+    assert "[2, 16, 1002/2] x 2 B" in {i.detail for i in plan.items}
+
+
+def test_layouts_that_cannot_shard_a_model_are_refused(tmp_path):
+    dense = _model_dir(tmp_path, "dense", TINY_DENSE)
+    moe = _model_dir(tmp_path, "moe", TINY_MOE)
+
+    def cfg(teacher: Path, student_tp: int = 1, **teacher_layout):
+        return _cfg(dense, teacher, distill={"loss": "topk"}, model={
+            "student_parallel": ParallelConfig(student_tp),
+            "teacher_parallel": ParallelConfig(**teacher_layout)})
+
+    with pytest.raises(ValueError, match=r"model\.teacher_parallel does not fit .*moe: .*"
+                                         r"num_experts = 8 is not divisible by "
+                                         r"expert_model_parallel_size = 3"):
+        plan_memory(cfg(moe, expert_model_parallel_size=3), 3)
+    with pytest.raises(ValueError, match="expert_model_parallel_size = 4 must divide the "
+                                         "data-parallel size 2"):
+        plan_memory(cfg(moe, expert_model_parallel_size=4), 2)
+    with pytest.raises(ValueError, match="expert_model_parallel_size = 2 needs an MoE model; "
+                                         "LlamaForCausalLM is dense"):
+        plan_memory(cfg(_model_dir(tmp_path, "dense2", TINY_DENSE),
+                        expert_model_parallel_size=2), 2)
+    with pytest.raises(ValueError, match=r"model\.student_parallel does not fit .*dense: .*"
+                                         "num_attention_heads = 4 is not divisible by "
+                                         "tensor_model_parallel_size = 3"):
+        plan_memory(cfg(moe, student_tp=3, tensor_model_parallel_size=3), 3)
+    assert plan_memory(cfg(moe, expert_model_parallel_size=2), 2).peak_bytes > 0
+    assert plan_memory(cfg(moe, expert_model_parallel_size=8), 8).peak_bytes > 0
+
+
+def test_expert_parallelism_brings_a_moe_teacher_under_budget():
+    """Qwen3-30B-A3B beside a TP=1 Qwen3-4B on 8 x 80 GiB: the whole teacher (57 GiB) is
+    refused, naming EP among the remedies; its experts over EP=8 fit."""
+    def cfg(ep: int) -> RunConfig:
+        return _cfg(CONFIGS / "Qwen3-4B", CONFIGS / "Qwen3-30B-A3B", distill={"loss": "topk"},
+                    model={"teacher_parallel": ParallelConfig(expert_model_parallel_size=ep)},
+                    optim={"micro_batch_size": 4})
+
+    with pytest.raises(MemoryBudgetError, match=r"teacher weights 56\.9 GiB \(raise "
+                                                r"model\.teacher_parallel\.tensor_model_"
+                                                r"parallel_size or expert_model_parallel_size"):
+        check_memory_fits(cfg(1), 8, 80.0)
+    plan = check_memory_fits(cfg(8), 8, 80.0)
+    assert plan is not None and "teacher TP=1 PP=1 EP=8" in plan.rank
+    # 30.5B - 7/8 of the 29.0B expert parameters = 5.16B on each rank.
+    assert _items(plan)["teacher weights"] / 2 == pytest.approx(
+        30.532e9 - 48 * 128 * 3 * 2048 * 768 * 7 / 8, rel=1e-4)
+
+
 # ---------------------------------------------------------------- pre-submission check (recipe)
 
 
@@ -318,15 +422,27 @@ def test_recipe_prints_a_fitting_plan_and_skips_cpu_runs(recipe, tmp_path, capsy
             80.0) is None
 
 
-def test_presets_fit_h100_on_one_node(recipe, tmp_path, monkeypatch):
+def test_presets_fit_h100_on_one_node(recipe, tmp_path, monkeypatch, capsys):
+    """Every real-model preset passes the check on one 8 x H100-80GB node; the size-distillation
+    presets' docstrings state the planner's peak."""
     monkeypatch.setattr(executors.shutil, "which", lambda name: None)
     node = slurm_executor(account="a", container_image="/c.sqsh", job_dir=str(tmp_path),
                           gpus_per_node=8)
-    for preset, model in (("qwen3_4b_int4", "Qwen3-4B"),
-                          ("llama31_8b_mxfp4", "Llama-3.1-8B-Instruct")):
+    for preset, student, teacher in (
+            ("qwen3_4b_int4", "Qwen3-4B", None),
+            ("llama31_8b_mxfp4", "Llama-3.1-8B-Instruct", None),
+            ("qwen3_4b_from_qwen3_30b_a3b", "Qwen3-4B", "Qwen3-30B-A3B"),
+            ("llama31_8b_from_llama33_70b", "Llama-3.1-8B-Instruct", "Llama-3.3-70B-Instruct")):
         task = getattr(recipe, preset)()
-        apply_overrides(task, [f"model.student={CONFIGS / model}"])
+        apply_overrides(task, [f"model.student={CONFIGS / student}"]
+                        + ([f"model.teacher={CONFIGS / teacher}"] if teacher else []))
         recipe.check(built_arguments(task), node)  # raises if the plan exceeds 80 GiB
+        out = capsys.readouterr().out
+        assert "GPU memory 80.0 GiB: fits" in out, preset
+        if teacher:
+            stated = re.search(r"The memory planner: (\d+\.\d) GiB per GPU",
+                               " ".join(getattr(recipe, preset).__doc__.split()))
+            assert stated and f"= {stated[1]} GiB per GPU" in out, (preset, out)
 
 
 def test_nemo_run_refuses_before_submission(tmp_path):
