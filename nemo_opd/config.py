@@ -291,6 +291,10 @@ class OptimConfig:
     """fp16 dynamic loss scaling: steps without overflow before the scale doubles (>= 1)."""
     hysteresis: int = 2
     """fp16 dynamic loss scaling: overflowing steps tolerated before the scale halves (>= 1)."""
+    divergence_factor: float = 10.0
+    """Stop when a step's loss or KL exceeds this many times its running level (the median of
+    the last 10 steps, at least 1 nat), or its gradient norm is 0 with a non-zero loss
+    (nemo_opd.train.divergence); 0 = only the zero-gradient and non-finite checks."""
 
     def __post_init__(self) -> None:
         if not _is_number(self.lr) or self.lr <= 0:
@@ -315,6 +319,9 @@ class OptimConfig:
         for field in ("initial_loss_scale", "min_loss_scale"):
             if not _is_number(getattr(self, field)) or getattr(self, field) <= 0:
                 _fail(self, field, "a finite number > 0")
+        if not _is_number(self.divergence_factor) or not (
+                self.divergence_factor == 0 or self.divergence_factor > 1):
+            _fail(self, "divergence_factor", "0 (off) or a finite number > 1")
         if self.warmup_steps >= self.steps:
             _fail(self, "warmup_steps", f"< steps={self.steps}")
 

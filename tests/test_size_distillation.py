@@ -12,8 +12,6 @@ teacher (same tokenizer).
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 from multirank import run_ranks
@@ -113,7 +111,7 @@ def _check(student: str, teacher: str, train_file: str, tmp_path, world_size: in
 
 def test_bad_size_distillation_inputs_are_refused_before_any_weight(
         small_student_dir, tiny_moe_model_dir, tiny_model_dirs, train_file, tmp_path):
-    from nemo_opd.models.tiny import TinyModelSpec, make_tiny_hf_model, make_tiny_tokenizer
+    from nemo_opd.models.tiny import make_tiny_hf_model, make_tiny_tokenizer
 
     _check(small_student_dir, tiny_moe_model_dir, train_file, tmp_path,
            expert_model_parallel_size=2)  # fits: 4 experts over 2 ranks

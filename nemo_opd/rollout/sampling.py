@@ -71,12 +71,21 @@ def sample_tokens(logits: torch.Tensor, params: SamplingParams, *,
             ``min_new_tokens``), or None.
         generator: the random source of the draw (ignored for greedy).
 
+    Raises:
+        FloatingPointError: ``logits`` hold NaN or inf (a diverged model; torch's sampler would
+            fail with a less telling message).
+
     Returns:
         :class:`SampledTokens`. Greedy and ``params.logprobs == "raw"`` record
         ``log_softmax(logits)`` (temperature 1, nothing masked); otherwise the log-prob under
         the distribution the token was drawn from.
     """
     logits = logits.float()
+    if not torch.isfinite(logits).all():
+        raise FloatingPointError(
+            f"non-finite logits at a rollout position ({int(logits.isnan().sum())} NaN, "
+            f"{int(logits.isinf().sum())} inf of {logits.numel()}): the model's weights have "
+            "diverged")
     allowed = logits if banned is None else logits.masked_fill(banned, float("-inf"))
     if params.greedy:
         tokens = allowed.argmax(dim=-1)

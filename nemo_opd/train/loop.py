@@ -42,6 +42,7 @@ from nemo_opd.runtime import distributed_runtime, runtime_device, seed_all
 from nemo_opd.strategies import PlanPart, Strategy, TeacherContext, build_strategy
 from nemo_opd.train import checkpoint as ckpt
 from nemo_opd.train import setup
+from nemo_opd.train.divergence import DivergenceError, DivergenceGuard
 from nemo_opd.train.metrics import MetricsLogger
 from nemo_opd.train.optim import build_optimizer, data_parallel_group
 from nemo_opd.train.step import (
@@ -103,6 +104,7 @@ class Trainer:
         self.total_steps = cfg.total_steps
         self.rank = dist.get_rank()
         self.strategy: Strategy = build_strategy(cfg.distill, seed=cfg.seed)
+        self.divergence = DivergenceGuard(cfg.optim.divergence_factor)
         # Files first: data, tokenizers and vocab sizes are checked before any weight loads.
         self.tokenizer = setup.load_tokenizer(cfg.model.tokenizer_path)
         self.examples, self.encoder = setup.load_examples(cfg, self.tokenizer)
@@ -232,7 +234,11 @@ class Trainer:
         for micro, plan in enumerate(plans):
             examples = self.batches.next_batch()
             for index, part in enumerate(plan.parts):
-                batch = self._sequences(examples, part, step, micro)
+                try:
+                    batch = self._sequences(examples, part, step, micro)
+                except FloatingPointError as err:  # non-finite logits while sampling
+                    raise self._stopped(step, NonFiniteLossError(str(err)),
+                                        f"micro batch {micro}, {part.source}") from None
                 sources.append(batch.source)
                 try:
                     # Only the last backward of the step may start the DP gradient reduction.
@@ -241,7 +247,7 @@ class Trainer:
                                              loss_scale=part.weight / accumulation * grad_scale,
                                              anchor_weight=plan.anchor_weight, cache=self.cache)
                 except NonFiniteLossError as err:
-                    raise self._nonfinite(step, f"{err} (micro batch {micro})") from None
+                    raise self._stopped(step, err, f"micro batch {micro}") from None
                 results.append((part, result))
         optim_started = time.perf_counter()
         grad_norm = self.optim.finish_gradients()
@@ -253,7 +259,7 @@ class Trainer:
             try:
                 stop_if_nonfinite(grad_norm, "gradient norm")
             except NonFiniteLossError as err:
-                raise self._nonfinite(step, str(err)) from None
+                raise self._stopped(step, err) from None
             self.optim.apply()
         optim_seconds = time.perf_counter() - optim_started
         return self._step_metrics(results, sources, lr, grad_norm, optim_seconds,
@@ -310,13 +316,15 @@ class Trainer:
         for key, value in zip(keys, values.tolist(), strict=True):
             metrics[key] = value / size if key in self._DP_MEAN else int(value)
 
-    def _nonfinite(self, step: int, detail: str) -> NonFiniteLossError:
-        where = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint
-                 else "no checkpoint was saved yet")
+    def _stopped(self, step: int, err: DivergenceError, where: str = "") -> DivergenceError:
+        """``err`` (same class) with the step, its place and the checkpoint to resume from."""
+        last = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint
+                else "no checkpoint was saved yet")
+        detail = f"{err} ({where})" if where else str(err)
         message = (f"training stopped at step {step}: {detail}; nothing was saved for this "
-                   f"step and {where}. Lower optim.lr, enable optim.grad_clip or check the data.")
+                   f"step and {last}. Lower optim.lr, enable optim.grad_clip or check the data.")
         logger.error(message)
-        return NonFiniteLossError(message)
+        return type(err)(message)
 
     # ---------------------------------------------------------------- checkpoints
 
@@ -358,8 +366,12 @@ class Trainer:
             for step in range(self.start_step, end):
                 try:
                     metrics = self.train_step(step)
-                except NonFiniteLossError as err:
-                    sink.log_event(step, "nonfinite_stop", {"message": str(err)})
+                    try:  # before this step's checkpoint: a diverged state is never saved
+                        self.divergence.check(step, metrics)
+                    except DivergenceError as err:
+                        raise self._stopped(step, err) from None
+                except DivergenceError as err:
+                    sink.log_event(step, "divergence_stop", {"message": str(err)})
                     raise
                 done = step + 1
                 history.append({"step": done, **metrics})

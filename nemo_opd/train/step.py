@@ -47,13 +47,14 @@ from nemo_opd.loss import (
 from nemo_opd.models.pipeline import forward_backward, forward_logits, last_stage_rank
 from nemo_opd.runtime import runtime_device
 from nemo_opd.strategies import TeacherContext
+from nemo_opd.train.divergence import DivergenceError
 
 __all__ = ["ScoringModels", "ScoreResult", "NonFiniteLossError", "TeacherTopKCache", "score_batch",
            "stop_if_nonfinite"]
 
 
-class NonFiniteLossError(RuntimeError):
-    """A loss or gradient norm was NaN/inf; training stopped without saving."""
+class NonFiniteLossError(DivergenceError):
+    """A loss, gradient norm or rollout logit was NaN/inf; training stopped without saving."""
 
 
 @dataclasses.dataclass
