@@ -45,6 +45,7 @@ from nemo_opd.launch.plans import DEMO, EvalPlan, ExportPlan
 from nemo_opd.launch.recipe import config_tree, recipe_main
 from nemo_opd.launch.stages import (
     check_inputs_exist,
+    check_output_dir,
     configure_logging,
     evaluate_export,
     evaluator,
@@ -162,7 +163,7 @@ def onpolicy_qat(
         with PreemptionFlag() as preempted:
             result = run_distillation(cfg, eval_hook=eval_hook, should_stop=preempted)
         if result.preempted or preempted():  # (or signalled in the last step's evaluation)
-            exit_preempted(result.steps_done)
+            exit_preempted(result.steps_done, resume=cfg.checkpoint.resume)
         log_rank0(logger, "distilled %d steps; last checkpoint %s", result.steps_done,
                   result.last_checkpoint)
         if records[-1]["role"] != "student":
@@ -330,6 +331,11 @@ def check(kwargs: dict[str, Any], executor: run.Executor | None) -> None:
     ``config.json`` files are read (nemo_opd.launch.memory)."""
     fields = {f.name for f in dataclasses.fields(RunConfig)}
     cfg = RunConfig(**{k: v for k, v in kwargs.items() if k in fields})
+    if kwargs["export"].enabled and cfg.quant.format == "none":
+        raise ValueError("export.enabled=true with quant.format=none: the export writes a "
+                         "quantized checkpoint; choose a format or set export.enabled=false")
+    if executor is None or isinstance(executor, run.LocalExecutor):
+        check_output_dir(cfg.output_dir)  # remote jobs check theirs where it lives
     every = cfg.checkpoint.save_every
     if (cfg.model.student_parallel.pipeline_model_parallel_size > 1 and cfg.eval_every
             and (not every or cfg.eval_every % every)):

@@ -10,13 +10,16 @@ token ids:
   stop), cut at ``max_response_length``;
 * overlong prompts (more than ``max_prompt_length`` tokens): ``"truncate_left"`` keeps the last
   ``max_prompt_length`` tokens (the end of a prompt, where the question and the generation prompt
-  sit, matters most), ``"drop"`` skips the record (counted), ``"error"`` raises naming it;
+  sit, matters most; counted in one warning), ``"drop"`` skips the record (counted),
+  ``"error"`` raises naming it;
+* an empty file, or a JSONL line that is not a JSON object, raises naming the file and line;
 * an empty prompt (no text, or no tokens) raises ``ValueError`` naming the record.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -58,6 +61,8 @@ def load_records(cfg: DataConfig) -> datasets.Dataset:
         if len(suffixes) != 1 or next(iter(suffixes)) not in _FORMATS:
             raise ValueError(f"DataConfig.train_files must all be one of {tuple(_FORMATS)}, got "
                              f"{list(cfg.train_files)}")
+        for path in cfg.train_files:
+            _check_not_empty(Path(path))
         records = datasets.load_dataset(_FORMATS[suffixes.pop()], data_files=list(cfg.train_files),
                                         split="train")
     else:
@@ -72,6 +77,31 @@ def load_records(cfg: DataConfig) -> datasets.Dataset:
     return records
 
 
+def _check_not_empty(path: Path) -> None:
+    """Raise ``ValueError`` naming ``path`` (and the line, for JSONL) when it holds no records
+    or a line that is not a JSON object: ``datasets`` reports both without the file's name."""
+    if path.stat().st_size == 0:
+        raise ValueError(f"DataConfig.train_files: {path} is empty")
+    if path.suffix != ".jsonl":
+        return
+    records = 0
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"DataConfig.train_files: {path} line {number} is not JSON "
+                                 f"({err.msg} at column {err.colno}): {line[:80]!r}") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"DataConfig.train_files: {path} line {number} is not a JSON "
+                                 f"object: {line[:80]!r}")
+            records += 1
+    if not records:
+        raise ValueError(f"DataConfig.train_files: {path} holds no records (blank lines only)")
+
+
 class PromptEncoder:
     """Tokenizes records the same way for the student, the rollout engine and the teacher."""
 
@@ -82,6 +112,8 @@ class PromptEncoder:
         self.cfg = cfg
         self.uses_chat_template = bool(cfg.chat_template and getattr(tokenizer, "chat_template",
                                                                      None))
+        self.truncated = 0
+        """Prompts cut to their last ``max_prompt_length`` tokens so far."""
 
     def prompt_ids(self, text: str) -> list[int]:
         """Prompt ids before the length policy."""
@@ -111,6 +143,7 @@ class PromptEncoder:
             if self.cfg.overlong == "drop":
                 return None
             ids = ids[-limit:]
+            self.truncated += 1
         response_ids: list[int] = []
         if response is not None:
             if not isinstance(response, str):
@@ -128,6 +161,10 @@ def encode_records(records: datasets.Dataset, encoder: PromptEncoder) -> list[Ex
     examples = [encoder.encode(i, p, r)
                 for i, (p, r) in enumerate(zip(prompts, responses, strict=True))]
     kept = [e for e in examples if e is not None]
+    if encoder.truncated:
+        logger.warning("truncated %d of %d prompts to their last max_prompt_length=%d tokens "
+                       "(DataConfig.overlong='truncate_left'; 'drop' skips them, 'error' stops)",
+                       encoder.truncated, len(examples), cfg.max_prompt_length)
     if len(kept) < len(examples):
         logger.warning("dropped %d of %d records with prompts over max_prompt_length=%d",
                        len(examples) - len(kept), len(examples), cfg.max_prompt_length)

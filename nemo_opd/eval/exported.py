@@ -167,8 +167,9 @@ def dequantize_export(export_dir: str | Path, out_dir: str | Path, *,
     """Write ``out_dir``: a plain HF model directory with the export's weights dequantised.
 
     Config and tokenizer files are copied (``quantization_config`` dropped from
-    ``config.json``); a directory without ``hf_quant_config.json`` is copied with weights cast to
-    ``dtype``. Returns ``out_dir``.
+    ``config.json``). Returns ``out_dir``. A directory without ``hf_quant_config.json`` is not
+    a quantized export and is refused (``ValueError``): labelled "dequantised", its scores
+    would claim numerics it does not have.
     """
     from safetensors.torch import load_file, save_file
 
@@ -179,7 +180,10 @@ def dequantize_export(export_dir: str | Path, out_dir: str | Path, *,
     shards = sorted(export_dir.glob("*.safetensors"))
     if not shards:
         raise FileNotFoundError(f"{export_dir} holds no *.safetensors weights")
-    quant = read_quant_config(export_dir) or {"quant_algo": "NONE"}
+    quant = read_quant_config(export_dir)
+    if quant is None:
+        raise ValueError(f"{export_dir} is not a quantized export (no {QUANT_CONFIG_FILE}); "
+                         "evaluate it as a plain Hugging Face model (without --export)")
     out_dir.mkdir(parents=True, exist_ok=True)
     for item in export_dir.iterdir():
         if item.is_file() and item.suffix != ".safetensors" and item.name not in (

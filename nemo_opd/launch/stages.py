@@ -28,6 +28,7 @@ __all__ = [
     "configure_logging",
     "use_demo_assets",
     "check_inputs_exist",
+    "check_output_dir",
     "evaluator",
     "reuse_or_evaluate",
     "export_trained_student",
@@ -94,8 +95,26 @@ def use_demo_assets(model: ModelConfig, data: DataConfig, evaluation: EvalPlan,
     return model, data, evaluation
 
 
+def check_output_dir(path: str | Path) -> None:
+    """Raise ``ValueError`` unless ``path`` is (or can be made) a directory this process can
+    write, judged at its nearest existing ancestor without creating anything: a file there, a
+    read-only file system or missing permissions would otherwise end the run at its first save,
+    after the models were loaded and evaluated."""
+    path = Path(path).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())  # nothing is created
+    if not existing.is_dir():
+        raise ValueError(f"output_dir={str(path)!r}: {existing} is a file, not a directory")
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".nemo_opd_write_probe_"):
+            pass
+    except OSError as err:
+        raise ValueError(f"output_dir={str(path)!r} is not writable: {existing}: "
+                         f"{err.strerror}") from None
+
+
 def check_inputs_exist(cfg: RunConfig) -> None:
-    """Raise ``FileNotFoundError`` naming the first missing model directory or data file."""
+    """Raise ``FileNotFoundError`` naming the first missing model directory or data file, and
+    ``ValueError`` for an output directory that cannot be written (:func:`check_output_dir`)."""
     dirs = {"model.student": cfg.model.student, "model.teacher": cfg.model.teacher,
             "model.tokenizer": cfg.model.tokenizer}
     for key, path in dirs.items():
@@ -107,6 +126,7 @@ def check_inputs_exist(cfg: RunConfig) -> None:
     for path in cfg.data.train_files:
         if not Path(path).is_file():
             raise FileNotFoundError(f"data.train_files: {path!r} does not exist")
+    check_output_dir(cfg.output_dir)
 
 
 def evaluator(plan: EvalPlan, tokenizer: Any) -> Evaluate:
@@ -284,11 +304,17 @@ PREEMPTED_EXIT_CODE = 75
 try again). Any non-zero status makes NeMo-Run's SLURM batch script requeue the job."""
 
 
-def exit_preempted(steps_done: int) -> NoReturn:
+def exit_preempted(steps_done: int, *, resume: bool = True) -> NoReturn:
     """Log that a preemption signal stopped training with a checkpoint at ``steps_done`` and
     exit with :data:`PREEMPTED_EXIT_CODE`, writing no results: the requeued job resumes from
-    that checkpoint and writes them."""
+    that checkpoint and writes them (with ``checkpoint.resume``; ``resume=False`` says how to
+    continue instead)."""
     if is_rank0():
-        logger.warning("preempted at step %d, checkpoint saved; requeue resumes from it",
-                       steps_done)
+        if resume:
+            logger.warning("preempted at step %d, checkpoint saved; a requeue or rerun resumes "
+                           "from it", steps_done)
+        else:
+            logger.warning("preempted at step %d, checkpoint saved; this run has "
+                           "checkpoint.resume=false, so a plain rerun starts over: rerun with "
+                           "checkpoint.resume=true to continue from it", steps_done)
     raise SystemExit(PREEMPTED_EXIT_CODE)

@@ -22,6 +22,29 @@ logger = logging.getLogger(__name__)
 _BAR_KEYS = ("loss", "reverse_kl", "lr", "step_seconds")
 
 
+def _truncate_jsonl(path: Path, start_step: int) -> None:
+    """Drop the records of steps after ``start_step`` from ``path``: a resumed run (or a new
+    one, ``start_step`` 0) writes those steps again, and the file must hold each step once."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines if _record_step(line) <= start_step]
+    if len(kept) == len(lines):
+        return
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    tmp.replace(path)
+    logger.info("%s: dropped %d records after step %d (they are written again from there)",
+                path, len(lines) - len(kept), start_step)
+
+
+def _record_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")  # a torn last line of a killed run: dropped too
+
+
 class MetricsLogger:
     """Writes each step's metrics dict to the configured sinks (no-op on ranks other than 0)."""
 
@@ -36,6 +59,7 @@ class MetricsLogger:
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         if self.cfg.jsonl:
+            _truncate_jsonl(out / "metrics.jsonl", start_step)
             self._jsonl = open(out / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
         if self.cfg.tensorboard:
             try:
