@@ -25,8 +25,10 @@ def job(tmp_path_factory) -> dict[str, Path]:
     return {"root": root, "demo_dir": root / "demo_assets"}
 
 
-def _nemo_run(job: dict[str, Path], output_dir: Path, *extra: str) -> subprocess.CompletedProcess:
-    """The default (built-in demo) recipe with a few steps and 40 documents per task."""
+def _nemo_run(job: dict[str, Path], output_dir: Path, *extra: str,
+              returncode: int = 0) -> subprocess.CompletedProcess:
+    """The default (built-in demo) recipe with a few steps and 40 documents per task; its exit
+    status must be ``returncode``."""
     args = [str(BIN / "nemo"), "run", "recipes/onpolicy_qat.py", "optim.steps=3",
             "optim.micro_batch_size=8", "evaluation.limit=40", "logging.progress_bar=false",
             f"demo_dir={job['demo_dir']}", f"output_dir={output_dir}", *extra]
@@ -34,7 +36,7 @@ def _nemo_run(job: dict[str, Path], output_dir: Path, *extra: str) -> subprocess
            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     proc = subprocess.run(args, cwd=ROOT, env=env, text=True, stdin=subprocess.DEVNULL,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert proc.returncode == returncode, proc.stdout[-4000:]
     return proc
 
 
@@ -101,6 +103,27 @@ def test_requeued_job_reuses_baselines_and_its_final_checkpoint(job, tp1):
         assert rows[run]["values"] == before[run]["values"]
     steps = [json.loads(line) for line in (tp1 / "metrics.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps if "loss" in s] == [1, 2, 3]  # no step was appended
+
+
+def test_divergent_learning_rate_stops_before_saving_the_collapse(job, tp1):
+    """optim.lr=1e6 (the demo collapses from its second step on): the job exits non-zero naming
+    the step and the quantity, and the newest checkpoint is the one saved before it."""
+    import re
+    import shutil
+
+    out = job["root"] / "diverged"
+    out.mkdir()
+    for name in ("eval_teacher.json", "eval_ptq.json"):  # same baselines: reused, not re-run
+        shutil.copy2(tp1 / name, out / name)
+    proc = _nemo_run(job, out, "optim.steps=8", "optim.lr=1e6", "optim.min_lr=1e6",
+                     "optim.warmup_steps=0", "optim.grad_clip=0", "checkpoint.save_every=1",
+                     "export.enabled=false", returncode=1)
+    stop = re.search(r"training stopped at step (\d+): (.*?); nothing was saved", proc.stdout)
+    assert stop, proc.stdout[-4000:]
+    assert re.search(r"loss|forward_kl|reverse_kl|gradient norm|non-finite", stop.group(2))
+    saved = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert saved[-1] == f"step_{int(stop.group(1)):08d}", (saved, stop.group(0))
+    assert not (out / "results.json").exists()
 
 
 @pytest.mark.multirank
