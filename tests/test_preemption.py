@@ -121,5 +121,40 @@ def test_recipe_exits_nonzero_when_preempted(caplog):
     with caplog.at_level("WARNING"), pytest.raises(SystemExit) as exit_info:
         exit_preempted(7)
     assert exit_info.value.code == PREEMPTED_EXIT_CODE != 0
-    assert "preempted at step 7, checkpoint saved; requeue resumes from it" in caplog.text
+    assert "preempted at step 7, checkpoint saved; a requeue or rerun resumes from it" \
+        in caplog.text
+
+
+def _blocked_signals(pid: int) -> set[signal.Signals]:
+    line = next(line for line in open(f"/proc/{pid}/status") if line.startswith("SigBlk:"))
+    mask = int(line.split()[1], 16)
+    return {s for s in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT) if mask >> (s - 1) & 1}
+
+
+def test_processes_started_during_a_save_ignore_preemption_signals():
+    """What keeps megatron's checkpoint writer processes alive on ``kill -TERM -<pgid>``: a
+    process started inside ``preemption_signals_blocked`` (here ``sleep``) inherits the block;
+    the trainer's own signal arrives once the block ends."""
+    import subprocess
+
+    from nemo_opd.train import PreemptionFlag
+    from nemo_opd.train.preemption import preemption_signals_blocked
+
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    with PreemptionFlag() as flag:
+        with preemption_signals_blocked():
+            assert {signal.SIGUSR1, signal.SIGTERM} <= signal.pthread_sigmask(signal.SIG_BLOCK,
+                                                                              [])
+            child = subprocess.Popen(["sleep", "30"])
+            try:
+                assert _blocked_signals(child.pid) == {signal.SIGUSR1, signal.SIGTERM}
+                child.send_signal(signal.SIGTERM)
+                with pytest.raises(subprocess.TimeoutExpired):
+                    child.wait(timeout=0.5)  # still alive: the signal waits, blocked
+            finally:
+                child.kill()
+                child.wait()
+            os.kill(os.getpid(), signal.SIGUSR1)
+        assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
+        assert flag.received == signal.SIGUSR1
 

@@ -27,13 +27,17 @@ def save_model_checkpoint(model: torch.nn.Module, directory: str | Path) -> None
     """Save ``model`` (quantized or not) to ``directory`` (collective: every rank calls it)."""
     from modelopt.torch.opt.plugins.mcore_dist_checkpointing import save_sharded_modelopt_state
 
+    from nemo_opd.train.preemption import preemption_signals_blocked
+
     apply_modelopt_fixes()
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     # Weights first: megatron's save takes a non-empty directory without metadata.json for a
     # crashed save and logs that it overwrites it; ModelOpt's state goes in a subdirectory after.
-    dist_checkpointing.save(model.sharded_state_dict(), str(directory))
-    save_sharded_modelopt_state([model], str(directory))
+    # Signals blocked: megatron's writer processes must survive a signal to the process group.
+    with preemption_signals_blocked():
+        dist_checkpointing.save(model.sharded_state_dict(), str(directory))
+        save_sharded_modelopt_state([model], str(directory))
 
 
 def load_model_checkpoint(model: torch.nn.Module, directory: str | Path) -> torch.nn.Module:

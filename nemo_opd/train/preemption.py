@@ -14,18 +14,29 @@ and returns, and the recipe exits non-zero so that the job is requeued::
 While the flag is installed a signal no longer kills the process: the step in flight and the
 save must finish within the grace period (torchrun kills the workers after
 ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` seconds). Outside it the previous handlers are back.
+
+Signals to the whole process group (``kill -TERM -<pgid>``, container runtimes, some
+schedulers) also reach the helper processes a checkpoint save starts: megatron's
+``FileSystemWriterAsync`` keeps a ``multiprocessing`` manager process alive after the first
+save (its queue collects every later save's write results) and forks writer processes per save.
+Those run with default signal actions, so a group signal killed the manager and the next save
+died with ``BrokenPipeError``. :func:`preemption_signals_blocked` wraps every save: processes
+started inside it inherit a signal mask that holds these signals back, so only the trainer
+itself acts on them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import multiprocessing.resource_tracker
 import signal
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from types import FrameType
 from typing import Any
 
-__all__ = ["PREEMPTION_SIGNALS", "PreemptionFlag"]
+__all__ = ["PREEMPTION_SIGNALS", "PreemptionFlag", "preemption_signals_blocked"]
 
 logger = logging.getLogger(__name__)
 
@@ -80,3 +91,30 @@ class PreemptionFlag:
     def __call__(self) -> bool:
         """Whether a signal arrived (since construction)."""
         return self.received is not None
+
+
+@contextlib.contextmanager
+def preemption_signals_blocked(signals: Iterable[signal.Signals] = PREEMPTION_SIGNALS
+                               ) -> Iterator[None]:
+    """Block ``signals`` in this thread while the body runs, so that every process started in it
+    (fork or spawn: a blocked mask survives both, and Python does not unblock it) never sees them.
+
+    Wrap code that starts helper processes which must outlive a signal to the process group:
+    checkpoint saves (megatron's writer manager and writer processes). A signal that arrives
+    meanwhile stays pending for this process and is handled when the body ends (or earlier by
+    another of its threads; a :class:`PreemptionFlag` handler only sets its flag either way).
+    The processes started inside keep the mask for their whole life, so a group signal leaves
+    them running until the trainer ends them.
+
+    CPython's multiprocessing resource tracker unblocks SIGINT/SIGTERM in the calling thread
+    right after it starts its own process, which a save may trigger; it is started first (it
+    ignores SIGINT/SIGTERM itself and inherits the block of the others) and the mask set again.
+    """
+    signals = set(signals)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        multiprocessing.resource_tracker.ensure_running()
+        signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
