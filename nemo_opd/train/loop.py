@@ -132,7 +132,10 @@ class Trainer:
             anchor.eval()
             anchor.requires_grad_(False)
         self.start_step = 0
-        self.last_checkpoint = ckpt.latest_checkpoint(cfg.checkpoint_dir)
+        ckpt.remove_partial_saves(cfg.checkpoint_dir)  # left by saves a crash interrupted
+        # Verifying (hashing) is only worth it when the checkpoint will be loaded.
+        self.last_checkpoint = ckpt.latest_checkpoint(cfg.checkpoint_dir,
+                                                      verify=cfg.checkpoint.resume)
         if cfg.checkpoint.resume and self.last_checkpoint is not None:
             student, self.optim, state, meta = ckpt.load_checkpoint(
                 self.last_checkpoint, setup.build_fresh_student_shell(cfg),
