@@ -43,9 +43,12 @@ def _import_in_three_layouts(model_dir: str, unnormalised_dir: str) -> dict[str,
         for name, parallel, directory in (
                 ("tp1", None, model_dir), ("tp2", ParallelConfig(2), model_dir),
                 ("ep2", ParallelConfig(expert_model_parallel_size=2), model_dir),
-                ("unnormalised", None, unnormalised_dir)):
+                ("unnormalised", None, unnormalised_dir), ("ep2_bf16", ParallelConfig(
+                    expert_model_parallel_size=2), model_dir)):
             groups = None if parallel is None else model_process_groups(parallel)
-            model = load_hf_gpt(directory, parallel, pg_collection=groups, quantizable=False)
+            dtype = torch.bfloat16 if name.endswith("bf16") else torch.float32
+            model = load_hf_gpt(directory, parallel, pg_collection=groups, quantizable=False,
+                                dtype=dtype)
             model.eval()
             with torch.no_grad():
                 logits = model(ids, positions, attention_mask=None)
@@ -77,6 +80,7 @@ def test_moe_import_matches_hf_at_tp1_tp2_and_ep2(tiny_moe_model_dir, unnormalis
                             model_dir=tiny_moe_model_dir, unnormalised_dir=unnormalised_moe_dir):
         for layout in ("tp1", "tp2", "ep2", "unnormalised"):
             assert errors[layout] < 1e-5, errors
+        assert errors["ep2_bf16"] < 5e-2, errors  # the presets' teacher dtype (router in fp32)
         assert errors["tp1_local_experts"] == errors["tp2_local_experts"] == 4, errors
         assert errors["ep2_local_experts"] == 2, errors
 
