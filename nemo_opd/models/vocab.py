@@ -42,13 +42,16 @@ def mask_padded_vocab(model: torch.nn.Module, vocab_size: int) -> None:
     tp_group = model.pg_collection.tp
     local = model.vocab_size // tp_group.size()
     first_id = tp_group.rank() * local
-    padded_local = torch.arange(first_id, first_id + local) >= vocab_size
-    padded_whole = torch.arange(model.vocab_size) >= vocab_size
+    # Built once per (width, device): decoding calls the hook once per token.
+    masks: dict[tuple[int, torch.device], torch.Tensor] = {}
 
     def hook(_module, _inputs, output):
         logits, bias = output
-        padded = padded_local if logits.shape[-1] == local else padded_whole
-        return logits.masked_fill(padded.to(logits.device), PADDED_LOGIT), bias
+        key = (logits.shape[-1], logits.device)
+        if key not in masks:
+            first = first_id if logits.shape[-1] == local else 0
+            masks[key] = torch.arange(first, first + key[0], device=key[1]) >= vocab_size
+        return logits.masked_fill(masks[key], PADDED_LOGIT), bias
 
     output_layer.register_forward_hook(hook)
 
