@@ -2,8 +2,10 @@
 
 ``load_hf_gpt(model_dir, parallel=..., dtype=...)`` reads ``config.json``, checks that the
 parallel layout fits the model (before any weight is read), builds a ``GPTModel`` with the
-matching ``TransformerConfig`` and fills it with ModelOpt's ``import_mcore_gpt_from_hf``, which
-slices each checkpoint tensor for this rank's TP shard.
+matching ``TransformerConfig`` (megatron's MoE layers for an MoE model) and fills it with
+ModelOpt's HF importer, which slices each checkpoint tensor for this rank's TP / EP shard
+(:class:`nemo_opd.models.vocab.PaddedVocabImporter`: the same importer, with the vocabulary
+rows padded to a multiple of TP).
 
 On CPU the model uses megatron's local layer spec with every fusion off and
 ``use_cpu_initialization=True``; with CUDA and Transformer Engine installed a model to quantize
