@@ -367,7 +367,7 @@ def test_table_average_and_ptq_gap_recovered(tmp_path):
     assert rows["teacher"]["gap_recovered"] is None
     markdown = (tmp_path / "table.md").read_text()
     assert "| Run | Numerics | A | B | C | Avg (a, b) | PTQ gap recovered |" in markdown
-    assert "| opd (student) | megatron fp32 | 0.700 | 0.550 | 0.100 | 0.625 | 75.0% |" in markdown
+    assert "| opd | megatron fp32 | 0.700 | 0.550 | 0.100 | 0.625 | 75.0% |" in markdown
     _check_plot(tmp_path / "table.png", report)
     # --ptq overrides the roles in the files: the student row becomes the baseline.
     assert eval_main(["compare", *map(str, paths), "--out", str(tmp_path / "t2"),

@@ -283,17 +283,41 @@ def _evaluate_lm(lm: Any, plan: EvalPlan, *, run_name: str) -> dict[str, Any]:
 
 
 def write_results(records: list[dict[str, Any]], output_dir: Path, *,
-                  history: list[dict[str, Any]]) -> dict[str, Any]:
+                  history: list[dict[str, Any]], cfg: RunConfig | None = None) -> dict[str, Any]:
     """Print the seeds' table and write ``results.{json,md,png}`` (+ the in-loop evaluations
-    in ``eval_history.json``) under ``output_dir``; returns the table."""
+    in ``eval_history.json``) under ``output_dir``; returns the table.
+
+    The figure's title names the run (student, format, steps, λ, β) from ``cfg``, else from the
+    config the newest checkpoint under ``output_dir/checkpoints`` recorded; its second row is
+    the loss of ``metrics.jsonl`` and the in-loop evaluations (``history``) over the steps."""
     import json
 
-    from nemo_opd.eval.report import build_table, render_markdown, write_report
+    from nemo_opd.eval.report import (
+        build_table,
+        read_training,
+        render_markdown,
+        run_title,
+        write_report,
+    )
 
     table = build_table(records)
     if is_rank0():
-        paths = write_report(records, output_dir / "results")
         (output_dir / "eval_history.json").write_text(json.dumps(history, indent=2))
+        if cfg is not None:
+            config, steps = cfg.to_dict(), cfg.total_steps
+        else:  # step_<8 digits>: the last name is the newest checkpoint
+            metas = sorted((output_dir / "checkpoints").glob("step_*/meta.json"))
+            meta = json.loads(metas[-1].read_text()) if metas else {}
+            config, steps = meta.get("config"), meta.get("total_steps")
+        title = None if not config else run_title(
+            model=config["model"]["student"], fmt=config["quant"]["format"], steps=steps,
+            lmbda=config["distill"]["lmbda"], beta=config["distill"]["beta"],
+            teacher=config["model"]["teacher"])
+        # the curves belong to the trained student's row (the first student row; the export's
+        # rows follow it)
+        trained = next((r["run"] for r in records if r.get("role") == "student"), "training")
+        paths = write_report(records, output_dir / "results", title=title,
+                             training={trained: read_training(output_dir, history=history)})
         print(render_markdown(table))
         print("results: " + ", ".join(str(p) for p in paths.values() if p is not None))
     return table
