@@ -300,6 +300,30 @@ def test_export_codes_equal_trained_codes_and_logits_reproduce(tiny_quant_model_
     assert "no enabled weight quantizer" in results["unquantized_error"]
 
 
+def _export_int4(model_dir: str, out_dir: str) -> None:
+    from nemo_opd.quant.export import export_student
+    from nemo_opd.runtime import distributed_runtime
+
+    with distributed_runtime():
+        export_student(_student(model_dir, "int4", torch.float32), model_dir, out_dir,
+                       tokenizer_dir=model_dir)
+
+
+@pytest.mark.multirank
+def test_exported_files_have_ordinary_permissions(tiny_quant_model_dir, tmp_path):
+    """Every file of the export 0644 and every directory 0755, the safetensors included
+    (safetensors creates its files 0600)."""
+    out = tmp_path / "export" / "int4"
+    run_ranks(_export_int4, world_size=1, model_dir=tiny_quant_model_dir, out_dir=str(out),
+              timeout=300)
+    modes = {str(p.relative_to(out)): p.stat().st_mode & 0o777 for p in out.rglob("*")}
+    assert any(name.endswith(".safetensors") for name in modes), modes
+    assert "hf_quant_config.json" in modes and "tokenizer.json" in modes, modes
+    expected = {name: 0o755 if (out / name).is_dir() else 0o644 for name in modes}
+    assert modes == expected, {k: oct(v) for k, v in modes.items()}
+    assert out.stat().st_mode & 0o777 == 0o755
+
+
 def test_export_rejects_a_missing_source_dir(tmp_path):
     from nemo_opd.quant.export import export_student
 

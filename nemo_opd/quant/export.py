@@ -414,6 +414,20 @@ def _write_quant_config(exporter: Any, export_dir: Path, fmt: WeightFormat,
     config_path.write_text(json.dumps(hf_config, indent=4))
 
 
+def _make_readable(export_dir: Path) -> None:
+    """Files 0644, directories 0755 under ``export_dir`` (itself included).
+
+    safetensors' ``save_file`` (0.8 here) creates its files with mode 0600 whatever the umask,
+    so the weights ModelOpt's exporter saves would be unreadable to a serving process or a
+    colleague running as another user, while the JSON files beside them are 0644 (umask 022).
+    The export is a deliverable: every file gets the ordinary mode.
+    """
+    export_dir.chmod(0o755)
+    for path in export_dir.rglob("*"):
+        if not path.is_symlink():
+            path.chmod(0o755 if path.is_dir() else 0o644)
+
+
 def _check_exportable(model: torch.nn.Module) -> WeightFormat:
     from nemo_opd.quant.student import enabled_quantizers
 
@@ -458,7 +472,7 @@ def export_student(model: torch.nn.Module, hf_model_dir: str | Path, export_dir:
         model: a quantized megatron-core ``GPTModel`` (:func:`~nemo_opd.quant.quantize_student`),
             TP = PP = 1, any parameter dtype.
         hf_model_dir: the HF directory the student was imported from (config, generation config).
-        export_dir: output directory (created).
+        export_dir: output directory (created; its files end 0644, directories 0755).
         dtype: dtype of the unquantized tensors (embeddings, norms, output layer).
         tokenizer_dir: copy the tokenizer files (:data:`TOKENIZER_FILES`) from here; ModelOpt
             already copies those in ``hf_model_dir``.
@@ -503,6 +517,7 @@ def export_student(model: torch.nn.Module, hf_model_dir: str | Path, export_dir:
             for name in TOKENIZER_FILES:
                 if (Path(tokenizer_dir) / name).is_file():
                     shutil.copy2(Path(tokenizer_dir) / name, export_dir / name)
+    _make_readable(export_dir)
     logger.info("exported %s student to %s: %d codes; ModelOpt alone would have written %d "
                 "codes and %d scales differently", fmt, export_dir, total, code_mismatches,
                 scale_mismatches)
