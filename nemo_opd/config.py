@@ -10,7 +10,6 @@ Paths derived from ``RunConfig.output_dir`` (checkpoints, metrics.jsonl, tensorb
 resolved by the properties of :class:`RunConfig`, not stored twice.
 """
 
-from __future__ import annotations
 
 import dataclasses
 import math
@@ -396,7 +395,8 @@ class LoggingConfig:
     wandb_project: str = ""
     """Weights & Biases project; "" = off."""
     progress_bar: bool = True
-    """Console progress bar on rank 0."""
+    """Training progress on rank 0: a bar with ETA on a terminal, else a plain line every tenth
+    of the run."""
 
     def __post_init__(self) -> None:
         _check_ints(self, 1, "every")

@@ -2,8 +2,11 @@
 
     nemo run recipes/sweep.py lmbdas=[0,1] betas=[0,0.5,1] overrides=[optim.steps=20]
     nemo run recipes/sweep.py --factory qwen3_4b_int4 lrs=[5e-6,1e-5] run.executor=slurm ...
-    nemo run recipes/sweep.py ... --dryrun          # print the runs, launch nothing
+    nemo run recipes/sweep.py ... --dryrun          # one line per run, launch nothing
     nemo run recipes/sweep.py ... compare_only=true  # only rebuild the table from finished runs
+
+``--factory P`` (default ``tiny``) names the recipe's preset every run starts from: each preset
+of recipes/onpolicy_qat.py is registered as a sweep factory of the same name.
 
 Every grid point is the command a user would type, ``python recipes/onpolicy_qat.py --factory P
 distill.lmbda=L distill.beta=B [optim.lr=R] output_dir=<output_root>/<point> [overrides]``,
@@ -14,6 +17,7 @@ the same table as ``nemo_opd eval compare``).
 """
 
 import dataclasses
+import functools
 import importlib.util
 import itertools
 import sys
@@ -23,11 +27,18 @@ from typing import Any
 import nemo_run as run
 
 from nemo_opd.launch import executors  # noqa: F401  (registers run.executor=local|slurm|docker)
-from nemo_opd.launch.recipe import apply_overrides, built_arguments, recipe_main, resolve_preset
+from nemo_opd.launch.recipe import (
+    apply_overrides,
+    built_arguments,
+    presets,
+    recipe_main,
+    resolve_preset,
+)
 
 RECIPE = Path(__file__).with_name("onpolicy_qat.py")
 
 
+@functools.cache
 def _load_recipe() -> Any:
     """recipes/onpolicy_qat.py as a module (its presets and check), without running it."""
     spec = importlib.util.spec_from_file_location("onpolicy_qat", RECIPE)
@@ -77,17 +88,26 @@ def point_args(point: Point, preset: str, overrides: tuple[str, ...], output_roo
 
 
 def compare(points: list[Point], output_root: str) -> dict[str, Any]:
-    """Teacher and PTQ rows of the first run + each run's student row → ``compare.*``."""
+    """Teacher and PTQ rows of the first run + each run's student row → ``compare.*`` (the
+    figure titled by the grid, with each run's training curves)."""
     from nemo_opd.eval.report import build_table, load_results, render_markdown, write_report
 
-    records = []
+    records, training = [], {}
     for i, point in enumerate(points):
-        for record in load_results([Path(output_root) / point.name / "results.json"]):
+        run_dir = Path(output_root) / point.name
+        for record in load_results([run_dir / "results.json"]):
             if record.get("role") == "student":
-                records.append({**record, "run": f"{record['run']} [{point.label}]"})
+                name = f"{record['run']} [{point.label}]"
+                records.append({**record, "run": name})
+                training[name] = run_dir  # its metrics.jsonl and eval_history.json
             elif i == 0:
                 records.append(record)
-    write_report(records, Path(output_root) / "compare")
+    grid_values = {"λ": {p.lmbda for p in points}, "β": {p.beta for p in points},
+                   "lr": {p.lr for p in points} - {None}}
+    title = f"sweep {Path(output_root).name}: " + ", ".join(
+        f"{k} ∈ {{{', '.join(f'{v:g}' for v in sorted(values))}}}"
+        for k, values in grid_values.items() if values)
+    write_report(records, Path(output_root) / "compare", title=title, training=training)
     table = build_table(records)
     print(render_markdown(table))
     return table
@@ -107,7 +127,7 @@ def sweep(
     machine, one process per run), then write the comparison table.
 
     Args:
-        preset: the recipe preset every run starts from.
+        preset: the recipe preset every run starts from (`--factory PRESET` sets it too).
         lmbdas, betas, lrs: the grid (``lrs`` empty: the preset's lr).
         overrides: recipe overrides for every run, e.g. ``[optim.steps=20,quant.format=mxfp4]``.
         output_root: each run writes ``<output_root>/<point>/``; the table goes here (on a
@@ -124,21 +144,32 @@ def sweep(
         path = str(RECIPE) if local else f"recipes/{RECIPE.name}"
         if local:  # local runs start in NeMo-Run's job directory, not here
             output_root = str(Path(output_root).resolve())
+        commands = {point.name: point_args(point, preset, overrides, output_root)
+                    for point in points}
+        for name, args in commands.items():
+            print(f"{name}: {entrypoint} {path} {' '.join(args)}")
+        if ctx.dryrun:
+            return
         with run.Experiment("onpolicy_qat_sweep", executor=executor) as experiment:
-            for point in points:
-                args = point_args(point, preset, overrides, output_root)
-                print(f"{point.name}: {entrypoint} {path} {' '.join(args)}")
+            for name, args in commands.items():
                 experiment.add(run.Script(path=path, args=args, entrypoint=entrypoint),
-                               executor=executor.clone(), name=point.name)
-            if ctx.dryrun:
-                experiment.dryrun()
-                return
+                               executor=executor.clone(), name=name)
             experiment.run(sequential=True)
     compare(points, output_root)
 
 
-def default() -> run.Partial:
-    return run.Partial(sweep)
+def _sweep_factory(preset: str) -> Any:
+    """A sweep factory named after one of the recipe's presets (``--factory PRESET``)."""
+
+    def factory() -> run.Partial:
+        return run.Partial(sweep, preset=preset)
+
+    factory.__name__ = factory.__qualname__ = preset
+    factory.__doc__ = f"Every run starts from recipes/onpolicy_qat.py --factory {preset}."
+    return run.cli.factory(factory, target=sweep)
+
+
+SWEEP_FACTORIES = {name: _sweep_factory(name) for name in presets(_load_recipe().onpolicy_qat)}
 
 
 def check(kwargs: dict[str, Any], executor: run.Executor | None) -> None:
@@ -152,4 +183,5 @@ def check(kwargs: dict[str, Any], executor: run.Executor | None) -> None:
 
 
 if __name__ == "__main__":
-    recipe_main(sweep, default_preset=default, check=check, entrypoint_type="experiment")
+    recipe_main(sweep, default_preset=SWEEP_FACTORIES["tiny"], check=check,
+                entrypoint_type="experiment")

@@ -48,6 +48,18 @@ def _commands(tmp: Path) -> dict[str, tuple[list[str], dict[str, str]]]:
         "sweep": ([nemo, "run", "recipes/sweep.py", "--dryrun", "lmbdas=[0,1]", "betas=[0,1]",
                    "lrs=[1e-5]", "overrides=[optim.steps=3,optim.warmup_steps=0]",
                    f"output_root={tmp}/sweep"], {}),
+        "sweep_factory": ([nemo, "run", "recipes/sweep.py", "--factory", "qwen3_4b_int4",
+                           "--dryrun", "lrs=[5e-6,1e-5]", "lmbdas=[1]", "betas=[1]",
+                           f"output_root={tmp}/sweep_qwen"], {}),
+        # Without --dryrun or --yes: a SLURM job asks first (the answer, "n", is piped in).
+        "slurm_asks": (["bash", "slurm/submit.sh", "model.student=/lustre/u/Qwen3-4B",
+                        "data.train_files=[/lustre/u/prompts.jsonl]"], slurm_env),
+        # A local run starts without asking (stdin is closed): it fails in the task, on the
+        # missing model, after the point where a confirmation would have been asked.
+        "local_starts": ([nemo, "run", RECIPE, f"model.student={tmp}/no_model",
+                          f"output_dir={tmp}/local"], {}),
+        "to_yaml": ([nemo, "run", RECIPE, "--to-yaml", str(tmp / "cfg.yaml"),
+                     "distill.beta=0.5", "data.train_files=[a.jsonl,b.jsonl]"], {}),
         **{preset: (["bash", "slurm/submit.sh", "--dryrun", f"model.student={CONFIGS / student}",
                      f"model.teacher={CONFIGS / teacher}"],
                     {**slurm_env, "PRESET": preset, "NODES": "1",
@@ -65,13 +77,21 @@ def results(tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
     for preset in SIZE_PRESETS:
         (tmp / preset).mkdir()
     procs = {name: subprocess.Popen(cmd, cwd=ROOT, env={**base, **env}, text=True,
-                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT)
              for name, (cmd, env) in _commands(tmp).items()}
     out = {}
     for name, proc in procs.items():
-        stdout, _ = proc.communicate(timeout=600)
+        stdout, _ = proc.communicate("n\n" if name == "slurm_asks" else "", timeout=600)
         out[name] = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, "")
+    # --to-yaml -> edit -> --yaml: the edited file is what runs (overrides still apply on top).
+    config = tmp / "cfg.yaml"
+    edited = config.read_text().replace("  steps: 40\n", "  steps: 7\n")
+    assert edited != config.read_text()
+    config.write_text(edited)
+    out["yaml"] = subprocess.run(
+        [str(BIN / "nemo"), "run", RECIPE, "--yaml", str(config), "--dryrun", "optim.lr*=2"],
+        cwd=ROOT, env=base, text=True, stdin=subprocess.DEVNULL, capture_output=True)
     out["tmp"] = tmp
     return out
 
@@ -174,3 +194,39 @@ def test_sweep_dryrun_lists_every_grid_point(results):
             f"output_dir={root}/lmbda0_beta0_lr1e-05 optim.steps=3 optim.warmup_steps=0"
             in lines[0])
     assert not root.exists()  # a dry run starts nothing
+    assert len(run.stdout.splitlines()) <= len(lines) + 2  # one line per run (+ NeMo-Run's)
+
+
+def test_sweep_factory_names_a_recipe_preset(results):
+    run = results["sweep_factory"]
+    assert run.returncode == 0, run.stdout[-3000:]
+    lines = [line for line in run.stdout.splitlines() if re.match(r"^lmbda\S+: ", line)]
+    assert [line.split(":")[0] for line in lines] == ["lmbda1_beta1_lr5e-06",
+                                                      "lmbda1_beta1_lr1e-05"]
+    assert all("--factory qwen3_4b_int4 " in line for line in lines)
+
+
+def test_remote_executor_asks_for_confirmation(results):
+    run = results["slurm_asks"]
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert "Continue? [y/N]:" in run.stdout and "Exiting..." in run.stdout
+    assert "Launching" not in run.stdout and "sbatch script written" not in run.stdout
+
+
+def test_local_run_starts_without_asking(results):
+    run = results["local_starts"]
+    assert run.returncode == 1
+    assert "Continue?" not in run.stdout
+    assert "Launching onpolicy_qat" in run.stdout
+    assert "no_model': no Hugging Face model there" in run.stdout, run.stdout[-3000:]
+
+
+def test_yaml_round_trip(results):
+    """`--to-yaml` writes the resolved config; the edited file runs with `--yaml` (NeMo-Run's
+    own flags), and overrides and operators apply on top of it."""
+    assert results["to_yaml"].returncode == 0, results["to_yaml"].stdout[-3000:]
+    run = results["yaml"]
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    table = re.sub(r"[│ ]+", " ", run.stdout)
+    assert " steps=7," in table and " lr=0.0002," in table and " beta=0.5," in table
+    assert "train_files=('a.jsonl', 'b.jsonl')" in table.replace(" ", "").replace(",'", ", '")

@@ -2,7 +2,6 @@
 evaluate and what to export. Frozen dataclasses of plain types, so every field is a dotted
 command-line override (``evaluation.limit=100``, ``export.dtype=float16``)."""
 
-from __future__ import annotations
 
 import dataclasses
 import math

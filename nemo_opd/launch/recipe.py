@@ -1,25 +1,27 @@
-"""NeMo-Run plumbing shared by the recipes in ``recipes/``: presets, overrides, help, checks.
+"""NeMo-Run plumbing shared by the recipes in ``recipes/``: presets, help, checks, confirmation.
 
 A recipe is a plain function whose parameters are config sections (frozen dataclasses such as
 :class:`nemo_opd.config.QuantConfig`) and plain values. Its presets are NeMo-Run factories
 returning ``run.Partial(recipe_fn, **sections)`` with every section a nested ``run.Config``
 (:func:`config_tree`), so each dataclass field is a dotted command-line override
 (``distill.beta=0.5``) and the dataclass checks run when NeMo-Run builds the task.
-:func:`recipe_main` runs a recipe through ``run.cli.main`` with:
 
-- ``--factory/-f PRESET`` chooses a preset (default: the recipe's default preset); an unknown
-  preset or override key fails before anything runs, naming the closest valid ones;
-- ``key=value`` overrides are parsed here by each field's type annotation
-  (:func:`apply_overrides`): NeMo-Run 0.11's parser rejects ``from __future__ import
-  annotations`` strings; its own ``run.*`` arguments (executor, plugins) stay with it;
-- ``--help`` lists the presets and every overridable field with its value and documentation;
+NeMo-Run parses the whole command line (:func:`recipe_main` runs ``run.cli.main``): ``--factory``,
+``--yaml``, ``--to-yaml``/``--to-toml``/``--to-json``, ``--dryrun``, ``-v/--verbose``,
+``--yes``, operators (``optim.lr*=2``), ``run.executor=...``, all as in NeMo-Run's own recipes.
+On top of it, one thin layer:
+
+- a tuple parser registered with NeMo-Run's type parser (it has none): ``[a,b]``, ``(a, b)``,
+  ``['a','b']`` or a bare ``a``;
+- errors name the closest preset or override key (:class:`RecipeError`, before anything runs);
 - ``check(task_kwargs, executor)``, the recipe's own check of the built sections against the
   chosen executor (e.g. ranks vs TP × PP), runs before any job is submitted;
+- ``--help`` lists the presets and every overridable field with its value and documentation;
 - ``--dryrun`` with a SLURM executor writes the sbatch script it would submit
-  (``$NEMO_OPD_SBATCH_OUT`` or ``<recipe>.sbatch``) instead of submitting.
+  (``$NEMO_OPD_SBATCH_OUT`` or ``<recipe>.sbatch``) instead of submitting;
+- remote executors (SLURM, Docker) ask "Continue?" unless ``--yes``; a local run starts directly;
+- NeMo-Run's resolved-arguments table is printed only with ``--verbose`` or a task's ``--dryrun``.
 """
-
-from __future__ import annotations
 
 import ast
 import contextlib
@@ -42,14 +44,15 @@ import fiddle as fdl
 import nemo_run as run
 import typer
 from nemo_run.cli.api import Entrypoint, RunContext, RunContextError
+from nemo_run.cli.cli_parser import CLIException, ParseError, parse_cli_args, type_parser
 from nemo_run.config import get_type_namespace
+from nemo_run.core.frontend.console.api import CONSOLE
 
 __all__ = [
     "config_tree",
     "field_docs",
     "override_fields",
     "apply_overrides",
-    "parse_value",
     "presets",
     "resolve_preset",
     "built_arguments",
@@ -58,12 +61,35 @@ __all__ = [
     "RecipeError",
 ]
 
-_KEY = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+_OVERRIDE = re.compile(r"^(?P<key>[A-Za-z_][\w.]*)\s*(?P<op>[-+*/|&]?=)")
+_VERBOSE_FLAGS = ("-v", "--verbose")
 
 
 class RecipeError(RunContextError):
     """Bad recipe input (preset, override key, layout): NeMo-Run prints ``Error: <message>``
     and exits 1, before anything is built or submitted."""
+
+
+@type_parser.register_parser(tuple)
+def _parse_tuple(value: str, annotation: Any) -> tuple:
+    """``tuple[T, ...]`` from ``[a,b]``, ``(a, b)``, ``['a', 'b']`` or a bare ``a``: each item
+    parsed as ``T`` by NeMo-Run. Quotes are optional (``[a.jsonl,b.jsonl]``); items are
+    scalars, so a top-level comma always separates two."""
+    text = value.strip()
+    try:
+        literal = ast.literal_eval(text)
+        items = list(literal) if isinstance(literal, (list, tuple)) else [literal]
+    except (ValueError, SyntaxError):
+        inner = text[1:-1] if text[:1] in "[(" and text[-1:] in "])" else text
+        items = [item.strip().strip("'\"") for item in inner.split(",") if item.strip()]
+    item_type = (typing.get_args(annotation) or (Any,))[0]
+    return tuple(type_parser.parse(str(item), item_type) for item in items)
+
+
+@type_parser.register_parser(types.UnionType)
+def _parse_union(value: str, annotation: Any) -> Any:
+    """``X | None`` as NeMo-Run parses ``Optional[X]`` (it knows only ``typing.Union``)."""
+    return type_parser.parse_union(value, annotation)
 
 
 def config_tree(value: Any) -> Any:
@@ -109,7 +135,7 @@ class OverrideField:
 def _arguments(node: fdl.Buildable) -> Iterator[tuple[str, Any]]:
     """(name, value) of every parameter of ``node``'s target: set ones, then defaults."""
     for name, param in inspect.signature(node.__fn_or_cls__).parameters.items():
-        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD) or name == "ctx":
             continue
         if name in node.__arguments__:
             yield name, node.__arguments__[name]
@@ -131,123 +157,61 @@ def override_fields(tree: fdl.Buildable, prefix: str = "") -> list[OverrideField
     return fields
 
 
-def _parse_bool(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in ("true", "1", "yes", "on"):
-        return True
-    if lowered in ("false", "0", "no", "off"):
-        return False
-    raise ValueError(f"expected a bool (true/false), got {text!r}")
+def _check_keys(tree: fdl.Buildable, args: list[str]) -> None:
+    """Refuse an override that is not ``key<op>value`` or whose key is not a leaf of ``tree``,
+    naming the closest keys (NeMo-Run's own message names neither)."""
+    fields = override_fields(tree)
+    known = {f.key for f in fields}
+    for arg in args:
+        match = _OVERRIDE.match(arg)
+        if match is None:
+            raise RecipeError(f"cannot read {arg!r}: overrides look like key=value "
+                              "(e.g. distill.beta=0.5, optim.lr*=2)")
+        key = match["key"]
+        if key in known:
+            continue
+        sections = {k.rsplit(".", i)[0] for k in known for i in range(1, k.count(".") + 1)}
+        leaf = key.rsplit(".", 1)[-1]
+        close = difflib.get_close_matches(key, sorted(known | sections), n=3, cutoff=0.6)
+        close += [k for k in sorted(known) if k.rsplit(".", 1)[-1] == leaf and k not in close]
+        hint = f"; did you mean {', '.join(close[:4])}?" if close else ""
+        raise RecipeError(f"unknown override key {key!r}{hint} (`--help` lists every key)")
 
 
-def _split_items(text: str) -> list[str]:
-    """Top-level comma-separated items of ``[a,b]`` / ``(a,b)`` / ``a,b``; commas inside
-    nested brackets stay in their item (``[x=[1,2],y=3]`` -> ``x=[1,2]``, ``y=3``)."""
-    inner = text.strip()
-    if inner[:1] in ("[", "(") and inner[-1:] in ("]", ")"):
-        inner = inner[1:-1]
-    items, depth, current = [], 0, ""
-    for char in inner:
-        depth += (char in "[(") - (char in "])")
-        if char == "," and depth == 0:
-            items.append(current)
-            current = ""
-        else:
-            current += char
-    return [item.strip() for item in [*items, current] if item.strip()]
-
-
-def parse_value(text: str, annotation: Any) -> Any:
-    """``text`` (as typed on the command line) as a value of type ``annotation``: bool
-    (true/false), int, float, str (quotes optional), ``X | None`` (None/null), ``Literal``,
-    ``tuple[T, ...]`` / ``list[T]`` (``[a,b]``, ``(a,b)`` or ``a,b``); anything else as a
-    Python literal. Raises ``ValueError`` when it does not fit."""
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        if text.strip() in ("None", "none", "null") and type(None) in args:
-            return None
-        errors = []
-        for arm in (a for a in args if a is not type(None)):
-            try:
-                return parse_value(text, arm)
-            except ValueError as err:
-                errors.append(str(err))
-        raise ValueError("; ".join(errors))
-    if origin is typing.Literal:
-        value = text.strip().strip("'\"")
-        if value not in [str(a) for a in args]:
-            raise ValueError(f"expected one of {args}, got {text!r}")
-        return next(a for a in args if str(a) == value)
-    if origin in (tuple, list):
-        item_type = args[0] if args else Any
-        items = tuple(parse_value(item, item_type) for item in _split_items(text))
-        return items if origin is tuple else list(items)
-    if annotation is bool:
-        return _parse_bool(text)
-    if annotation is int:
-        return int(text)
-    if annotation is float:
-        return float(text)
-    if annotation is str:
-        stripped = text.strip()
-        quoted = len(stripped) > 1 and stripped[0] == stripped[-1] and stripped[0] in "'\""
-        return stripped[1:-1] if quoted else text
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
-def _type_hints(target: Any) -> dict[str, Any]:
-    # Resolves `from __future__ import annotations` strings, which NeMo-Run 0.11's own parser
-    # leaves as str and then rejects ("Unsupported type: float").
-    hints = typing.get_type_hints(target.__init__ if isinstance(target, type) else target)
-    hints.pop("return", None)
-    return hints
-
-
-def _unknown_key(key: str, tree: fdl.Buildable) -> RecipeError:
-    known = {f.key for f in override_fields(tree)}
-    sections = {k.rsplit(".", i)[0] for k in known for i in range(1, k.count(".") + 1)}
-    leaf = key.rsplit(".", 1)[-1]
-    close = difflib.get_close_matches(key, sorted(known | sections), n=3, cutoff=0.6)
-    close += [k for k in sorted(known) if k.rsplit(".", 1)[-1] == leaf and k not in close]
-    hint = f"; did you mean {', '.join(close[:4])}?" if close else ""
-    return RecipeError(f"unknown override key {key!r}{hint} (`--help` lists every key)")
+def _cli_error(err: CLIException) -> RecipeError:
+    """NeMo-Run's parse error as ``<argument>: <reason>`` (its own message nests the whole
+    exception twice, with context dictionaries)."""
+    inner = err
+    while isinstance(inner.__cause__, CLIException):
+        inner = inner.__cause__
+    # NeMo-Run re-raises a ParseError with the argument in the `expected_type` slot.
+    arg = err.expected_type if isinstance(err, ParseError) else err.arg
+    reason = inner.reason if isinstance(inner, ParseError) else inner.args[0]
+    return RecipeError(f"{arg}: {str(reason).split(' (Argument: ')[0]}")
 
 
 def apply_overrides(tree: fdl.Buildable, args: list[str]) -> None:
-    """Set ``key=value`` overrides on ``tree`` in place, each value parsed as the field's
-    annotated type (:func:`parse_value`).
+    """Apply command-line overrides (``key=value``, ``key*=2``...) to ``tree`` in place,
+    exactly as NeMo-Run parses them on the command line.
 
-    Raises :class:`RecipeError` for an argument that is not ``key=value``, a key that is not a
-    field of the tree (suggesting the closest keys), or a value of the wrong type.
+    Raises :class:`RecipeError` for an argument that is not an override, a key that is not a
+    field of the tree (suggesting the closest keys), or a value NeMo-Run cannot parse as the
+    field's type.
     """
-    for arg in args:
-        key, sep, text = arg.partition("=")
-        if not sep or not _KEY.match(key):
-            raise RecipeError(f"cannot read {arg!r}: overrides look like key=value "
-                              "(e.g. distill.beta=0.5)")
-        *path, name = key.split(".")
-        node = tree
-        for part in path:
-            node = node.__arguments__.get(part) if isinstance(node, fdl.Buildable) else None
-            if not isinstance(node, fdl.Buildable):
-                raise _unknown_key(key, tree)
-        hints = _type_hints(node.__fn_or_cls__)
-        if name not in hints or isinstance(node.__arguments__.get(name), fdl.Buildable):
-            raise _unknown_key(key, tree)
-        try:
-            setattr(node, name, parse_value(text, hints[name]))
-        except ValueError as err:
-            raise RecipeError(f"{key}={text!r}: {err}") from err
+    _check_keys(tree, args)
+    try:
+        parse_cli_args(tree, args)
+    except CLIException as err:
+        raise _cli_error(err) from err
 
 
 def built_arguments(task: run.Partial) -> dict[str, Any]:
     """Every argument ``task`` would call its function with: built values (dataclass checks
     run here) and the function's defaults for the rest."""
-    bound = inspect.signature(task.__fn_or_cls__).bind_partial(**fdl.build(task).keywords)
+    keywords = {k: v for k, v in fdl.build(task).keywords.items() if k != "ctx"}
+    bound = inspect.signature(task.__fn_or_cls__).bind_partial(**keywords)
     bound.apply_defaults()
+    bound.arguments.pop("ctx", None)
     return dict(bound.arguments)
 
 
@@ -309,6 +273,47 @@ def _format_fields(tree: run.Partial) -> str:
     return "\n".join(lines)
 
 
+def _load_config_file(path: str) -> Any:
+    """A ``--to-yaml``/``--to-toml``/``--to-json`` file as NeMo-Run reads it, with the two
+    things its own export writes and its reader (0.11) refuses: the top-level ``_partial_``
+    key (``No parameter named '_partial_'``) and empty strings (``key=`` is not an
+    argument; ``key=""`` is)."""
+    from nemo_run.cli.config import ConfigSerializer
+    from omegaconf import OmegaConf
+
+    if not Path(path).is_file():
+        raise RecipeError(f"--yaml {path}: no such file")
+    try:
+        data = ConfigSerializer().load_dict(Path(path))
+    except Exception as err:  # noqa: BLE001 - YAML, TOML and JSON each raise their own
+        raise RecipeError(f"--yaml {path}: cannot read it ({err})") from err
+    return OmegaConf.create({k: _quote_empty(v) for k, v in data.items()
+                             if k not in ("_partial_", "_target_")})
+
+
+def _quote_empty(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _quote_empty(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_quote_empty(v) for v in value]
+    return '""' if value == "" else value
+
+
+def _is_local(executor: run.Executor | None) -> bool:
+    return executor is None or isinstance(executor, run.LocalExecutor)
+
+
+@contextlib.contextmanager
+def _console_quiet(quiet: bool) -> Iterator[None]:
+    """Silence NeMo-Run's console (its dry-run table and launch banners), not the task's."""
+    before = CONSOLE.quiet
+    CONSOLE.quiet = quiet or before
+    try:
+        yield
+    finally:
+        CONSOLE.quiet = before
+
+
 def recipe_main(fn: Callable, *, default_preset: Callable[[], run.Partial],
                 check: Callable[[dict[str, Any], run.Executor | None], None],
                 entrypoint_type: str = "task") -> None:
@@ -316,12 +321,13 @@ def recipe_main(fn: Callable, *, default_preset: Callable[[], run.Partial],
 
     Args:
         fn: the recipe function (parameters = config sections and plain values).
-        default_preset: the factory used without ``--factory``.
+        default_preset: the factory used without ``--factory`` or ``--yaml``.
         check: ``check(built_kwargs, executor)`` raising ``ValueError`` when the built sections
             cannot run on ``executor`` (None: in-process); runs before submission.
         entrypoint_type: "task" (NeMo-Run runs ``fn`` on the executor) or "experiment" (``fn``
             runs here and takes the run context as ``ctx``, e.g. to launch an Experiment).
     """
+    verbose = any(arg in _VERBOSE_FLAGS for arg in sys.argv[1:])
 
     class RecipeRunContext(RunContext):
         def parse_args(self, args: list[str], lazy: bool = False) -> list[str]:
@@ -331,10 +337,19 @@ def recipe_main(fn: Callable, *, default_preset: Callable[[], run.Partial],
                 raise RecipeError(_first_part(err)) from err
 
         def parse_fn(self, fn: Callable, args: list[str], **default_kwargs: Any) -> run.Partial:
-            # NeMo-Run parses no recipe argument (see _type_hints): it has handled run.* and
-            # the preset is resolved here; the overrides are applied by apply_overrides.
-            task = resolve_preset(fn, self.factory, default_preset)
-            apply_overrides(task, args)
+            if self.load:
+                raise RecipeError("--load is not implemented by NeMo-Run "
+                                  f"{run.__version__}; export a config with --to-yaml FILE "
+                                  "and pass it back with --yaml FILE")
+            if isinstance(self.factory, str) and self.factory.isidentifier():
+                resolve_preset(fn, self.factory, default_preset)  # unknown names, close ones
+            _check_keys(default_preset(), args)
+            if isinstance(self.yaml, str):
+                self.yaml = _load_config_file(self.yaml)
+            try:
+                task = super().parse_fn(fn, args, **default_kwargs)
+            except CLIException as err:
+                raise _cli_error(err) from err
             try:
                 check(built_arguments(task), self.executor)
             except (ValueError, TypeError) as err:
@@ -345,9 +360,23 @@ def recipe_main(fn: Callable, *, default_preset: Callable[[], run.Partial],
                 out.write_text(script)
                 print(f"sbatch script written to {out} (not submitted: --dryrun); the job's "
                       f"configs are in {experiment_dir}")
-            for name, value in default_kwargs.items():  # the experiment's `ctx`
-                setattr(task, name, value)
             return task
+
+        def _execute_task(self, fn: Callable, task_args: list[str]) -> None:
+            with _console_quiet(not (self.dryrun or verbose)):
+                super()._execute_task(fn, task_args)
+
+        def _execute_experiment(self, fn: Callable, experiment_args: list[str]) -> None:
+            # An experiment's dry run is its own (a sweep lists its runs), not NeMo-Run's table.
+            with _console_quiet(not verbose):
+                super()._execute_experiment(fn, experiment_args)
+
+        def _should_continue(self, skip_confirmation: bool) -> bool:
+            # A local run starts at once; a job for a cluster or a container asks first.
+            if _is_local(self.executor):
+                return True
+            with _console_quiet(False):
+                return super()._should_continue(skip_confirmation)
 
     class RecipeEntrypoint(Entrypoint):
         def main(self, cmd_defaults: dict[str, Any] | None = None) -> None:
@@ -366,7 +395,8 @@ def recipe_main(fn: Callable, *, default_preset: Callable[[], run.Partial],
             print("\nPresets (--factory NAME): " + ", ".join(
                 f"{n}{' (default)' if f.__name__ == default_preset.__name__ else ''}"
                 for n, f in sorted(known.items())))
-            print("\nExecutors (run.executor=NAME run.executor.ARG=VALUE; default: this process):")
+            print("\nExecutors (run.executor=NAME run.executor.ARG=VALUE; default: this process;"
+                  " others ask 'Continue?' unless --yes):")
             for factory in run.cli.list_factories(run.Executor):
                 builder = factory().__fn_or_cls__
                 print(f"  {factory.__name__}: "
@@ -377,11 +407,8 @@ def recipe_main(fn: Callable, *, default_preset: Callable[[], run.Partial],
                 print(f"\n{err}")
                 return
             print(f"\nOverridable fields of preset {name or default_preset.__name__} "
-                  "(key=value; lists as [a,b]):")
+                  "(key=value, key*=2, key+=1; lists as [a,b]):")
             print(_format_fields(tree))
 
-    # The task runs in this process unless run.executor=... says otherwise; asking for a
-    # confirmation there would only stall scripted runs.
     run.cli.main(fn, default_factory=default_preset, entrypoint_cls=RecipeEntrypoint,
-                 run_ctx_cls=RecipeRunContext, type=entrypoint_type,
-                 cmd_defaults={"skip_confirmation": True})
+                 run_ctx_cls=RecipeRunContext, type=entrypoint_type)

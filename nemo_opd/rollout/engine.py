@@ -27,7 +27,6 @@ own forward computes. TensorRT-LLM and vLLM backends (a later issue) fit the sam
 Row order: rows are grouped by prompt, ``row = prompt_index * n + sample_index``.
 """
 
-from __future__ import annotations
 
 import dataclasses
 from typing import Literal, Protocol, runtime_checkable
