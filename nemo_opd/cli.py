@@ -4,6 +4,11 @@ Sub-commands hand their arguments on untouched, so each keeps its own ``--help``
 
 - ``run RECIPE.py [overrides]``: run a recipe (the same as ``nemo run RECIPE.py``).
 - ``eval ...``: evaluation (``nemo_opd.eval.cli``: ``--model DIR --tasks ...``, ``compare ...``).
+- ``lm_eval ...``: lm-eval's own command line with ``--model nemo_opd`` registered
+  (``nemo_opd.eval.lm_eval_cli``).
+
+Handlers import their modules on use, so ``nemo_opd --help`` and each sub-command's ``--help``
+answer without importing torch, megatron or ModelOpt.
 """
 
 from __future__ import annotations
@@ -28,16 +33,24 @@ def _eval(argv: list[str]) -> int:
     return int(eval_main(argv) or 0)
 
 
+def _lm_eval(argv: list[str]) -> int:
+    from nemo_opd.eval.lm_eval_cli import main as lm_eval_main
+
+    return lm_eval_main(argv)
+
+
 SUBCOMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "run": (_run, "run a recipe: nemo_opd run recipes/onpolicy_qat.py [key=value ...]"),
     "eval": (_eval, "evaluate models and compare result files (nemo_opd eval --help)"),
+    "lm_eval": (_lm_eval, "lm-eval's own CLI with --model nemo_opd registered "
+                          "(nemo_opd lm_eval --help)"),
 }
 """Sub-command name -> (handler taking the remaining arguments, one-line help)."""
 
 
 def _usage() -> str:
     lines = ["usage: nemo_opd <subcommand> [args...]", "", "subcommands:"]
-    lines += [f"  {name:<6} {text}" for name, (_, text) in SUBCOMMANDS.items()]
+    lines += [f"  {name:<7} {text}" for name, (_, text) in SUBCOMMANDS.items()]
     return "\n".join(lines)
 
 
@@ -49,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
     if name not in SUBCOMMANDS:
-        close = difflib.get_close_matches(name, SUBCOMMANDS, n=2)
-        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+        close = difflib.get_close_matches(name, SUBCOMMANDS, n=1)  # the closest only
+        hint = f" (did you mean {close[0]}?)" if close else ""
         print(f"nemo_opd: unknown subcommand {name!r}{hint}\n\n{_usage()}", file=sys.stderr)
         return 2
     return SUBCOMMANDS[name][0](rest)

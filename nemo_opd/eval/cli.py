@@ -12,6 +12,16 @@ Compare (the seeds' table from several runs)::
 
     nemo_opd eval compare results/teacher.json results/ptq.json results/opd.json \\
         --out results/table
+
+What this adds to lm-eval's own command line (``nemo_opd lm_eval --model nemo_opd ...`` runs
+that one with the megatron model registered): the megatron backend at any TP size, dequantised
+ModelOpt exports, local jsonl tasks without a YAML, offline benchmark data, and the results
+record / table. The model work is lm-eval's: ``--backend hf`` is lm-eval's ``hf`` model built as
+``lm_eval --model hf`` builds it, ``--backend megatron`` the same ``MegatronLM`` as
+``--model nemo_opd``.
+
+Nothing heavy is imported at module level: ``--help`` answers without torch, lm-eval, megatron
+or ModelOpt.
 """
 
 from __future__ import annotations
@@ -20,22 +30,18 @@ import argparse
 import contextlib
 import logging
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from nemo_opd.eval.evaluate import ROLES
-from nemo_opd.eval.exported import BackendUnavailable
-from nemo_opd.eval.lm import dtype_label
 from nemo_opd.eval.tasks import HUB_TASKS, TASK_SETS, LocalTask, load_tasks, resolve_tasks
-from nemo_opd.runtime import is_rank0
 
 __all__ = ["main", "build_eval_parser", "build_compare_parser"]
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = ("float32", "bfloat16", "float16")
+_DTYPES = ("float32", "bfloat16", "float16")  # nemo_opd.eval.exported.DTYPES (torch-free here)
 _BACKENDS = ("megatron", "hf", "trtllm")
 
 
@@ -56,8 +62,9 @@ def build_eval_parser() -> argparse.ArgumentParser:
                              "dequantise it for the megatron/hf backends, serve it as is with "
                              "trtllm")
     parser.add_argument("--backend", choices=_BACKENDS, default="megatron",
-                        help="megatron: megatron-core GPTModel (TP with torchrun); hf: lm-eval's "
-                             "HF model; trtllm: TensorRT-LLM (containers only). Default: megatron")
+                        help="megatron: megatron-core GPTModel (TP with torchrun; lm-eval's "
+                             "--model nemo_opd); hf: lm-eval's --model hf; trtllm: lm-eval's "
+                             "--model trtllm (containers only). Default: megatron")
     parser.add_argument("--tasks", nargs="+", default=[], metavar="NAME",
                         help="task sets, benchmarks or local task names (default: all "
                              "--local-task)")
@@ -73,8 +80,10 @@ def build_eval_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tp", type=int, default=1,
                         help="tensor-parallel size for --backend megatron (world size must be a "
                              "multiple)")
-    parser.add_argument("--dtype", choices=_DTYPES, default="float32",
-                        help="weights dtype for the megatron/hf backends (default float32)")
+    parser.add_argument("--dtype", choices=_DTYPES,
+                        help="weights dtype for the megatron/hf backends (default: the "
+                             "checkpoint's: config.json's dtype, or for --export the dtype of "
+                             "its unquantized tensors)")
     parser.add_argument("--batch-size", type=int, default=8, help="requests per forward pass")
     parser.add_argument("--max-length", type=int,
                         help="longest sequence in tokens (default: the model's)")
@@ -110,65 +119,42 @@ def _local_tasks(specs: list[str]) -> dict[str, LocalTask]:
     return tasks
 
 
-def _torch_dtype(name: str):
-    import torch
-
-    return getattr(torch, name)
-
-
 @contextlib.contextmanager
 def _open_lm(args: argparse.Namespace) -> Iterator[Any]:
     """The lm-eval LM for ``args`` (runtime and temporary files live as long as the block)."""
     from nemo_opd.eval import exported
 
-    with contextlib.ExitStack() as stack:
-        model_dir = args.model
-        if args.backend == "trtllm":
-            if not args.export:
-                raise ValueError("--backend trtllm serves a ModelOpt export; pass --export")
-            yield exported.trtllm_lm(model_dir, tensor_parallel_size=args.tp)
-            return
-        numerics_prefix = ""
-        if args.export:
-            scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="nemo_opd_")))
-            model_dir = exported.dequantize_export(args.model, scratch / "dequantised",
-                                                   dtype=_torch_dtype(args.dtype))
-            numerics_prefix = "dequantised "
-        if args.backend == "hf":
-            if args.tp != 1:
-                raise ValueError("--backend hf runs on one process; --tp must be 1")
-            yield exported.hf_lm(model_dir, dtype=args.dtype, batch_size=args.batch_size,
+    if args.backend == "trtllm":
+        if not args.export:
+            raise ValueError("--backend trtllm serves a ModelOpt export; pass --export")
+        yield exported.trtllm_lm(args.model, tensor_parallel_size=args.tp)
+        return
+    if args.backend == "hf":
+        if args.tp != 1:
+            raise ValueError("--backend hf runs on one process; --tp must be 1")
+        from nemo_opd.eval.lm import dtype_label
+
+        with exported.plain_checkpoint(args.model, export=args.export,
+                                       dtype=args.dtype) as (model_dir, dtype):
+            prefix = "dequantised " if args.export else ""
+            yield exported.hf_lm(model_dir, dtype=dtype, batch_size=args.batch_size,
                                  max_length=args.max_length,
-                                 numerics=f"HF {numerics_prefix}{dtype_label(args.dtype)}")
-            return
-        from megatron.core import parallel_state
-        from transformers import AutoTokenizer
+                                 numerics=f"HF {prefix}{dtype_label(dtype)}")
+        return
+    from nemo_opd.eval.lm import LMConfig, open_megatron_lm
 
-        from nemo_opd.eval.lm import LMConfig, MegatronLM, describe_numerics
-        from nemo_opd.models import load_hf_gpt
-        from nemo_opd.runtime import ParallelConfig, distributed_runtime
-
-        parallel = ParallelConfig(tensor_model_parallel_size=args.tp)
-        if parallel_state.model_parallel_is_initialized():
-            # Called inside a running job (a recipe, a test): use its runtime, whose layout must
-            # match; a process group cannot be torn down and brought up again in one process.
-            running = parallel_state.get_tensor_model_parallel_world_size()
-            if running != args.tp:
-                raise ValueError(f"--tp {args.tp} differs from the running job's tensor-parallel "
-                                 f"size {running}")
-        else:
-            stack.enter_context(distributed_runtime(parallel))
-        model = load_hf_gpt(model_dir, parallel, dtype=_torch_dtype(args.dtype))
-        numerics = describe_numerics(model).replace("megatron ", f"megatron {numerics_prefix}")
-        yield MegatronLM(model, AutoTokenizer.from_pretrained(model_dir), LMConfig(
-            batch_size=args.batch_size, max_length=args.max_length, numerics=numerics))
+    with open_megatron_lm(args.model, tp=args.tp, dtype=args.dtype, export=args.export,
+                          config=LMConfig(batch_size=args.batch_size,
+                                          max_length=args.max_length)) as lm:
+        yield lm
 
 
 def _evaluate(argv: list[str]) -> int:
+    args = build_eval_parser().parse_args(argv)
     from nemo_opd.eval.evaluate import evaluate_model
     from nemo_opd.eval.report import write_report
+    from nemo_opd.runtime import is_rank0
 
-    args = build_eval_parser().parse_args(argv)
     if args.limit is not None and args.limit >= 1:
         args.limit = int(args.limit)
     local = _local_tasks(args.local_task)
@@ -189,9 +175,9 @@ def _evaluate(argv: list[str]) -> int:
 
 
 def _compare(argv: list[str]) -> int:
+    args = build_compare_parser().parse_args(argv)
     from nemo_opd.eval.report import load_results, write_report
 
-    args = build_compare_parser().parse_args(argv)
     paths = write_report(load_results(args.results), args.out, teacher=args.teacher,
                          ptq=args.ptq)
     print(Path(paths["md"]).read_text(), end="")
@@ -206,6 +192,13 @@ def main(argv: list[str] | None = None) -> int:
     command = _compare if argv[:1] == ["compare"] else _evaluate
     try:
         return command(argv[1:] if command is _compare else argv)
-    except (ValueError, FileNotFoundError, BackendUnavailable) as err:
+    except (ValueError, FileNotFoundError) as err:
+        print(f"nemo_opd eval: error: {err}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:
+        from nemo_opd.eval.exported import BackendUnavailable  # imports torch: only on error
+
+        if not isinstance(err, BackendUnavailable):
+            raise
         print(f"nemo_opd eval: error: {err}", file=sys.stderr)
         return 2

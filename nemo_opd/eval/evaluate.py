@@ -23,11 +23,15 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from nemo_opd.eval.lm import LMConfig, MegatronLM
 from nemo_opd.eval.tasks import LocalTask, ResolvedTask, load_tasks, resolve_tasks
-from nemo_opd.runtime import is_rank0
+
+if TYPE_CHECKING:
+    from nemo_opd.eval.lm import LMConfig
+
+# torch, lm-eval and megatron are imported where a model is evaluated, not here: the command
+# line reads ROLES and RESULT_SCHEMA from this module to show its --help.
 
 __all__ = ["RESULT_SCHEMA", "evaluate_model", "ROLES"]
 
@@ -42,6 +46,8 @@ ROLES = ("teacher", "ptq", "student")
 
 def _as_lm(lm_or_model: Any, tokenizer: Any, lm_config: LMConfig | None):
     from lm_eval.api.model import LM
+
+    from nemo_opd.eval.lm import MegatronLM
 
     if isinstance(lm_or_model, LM):
         return lm_or_model
@@ -117,6 +123,8 @@ def evaluate_model(lm_or_model: Any, tasks: Sequence[str] = (), *,
     numerics = numerics or getattr(lm, "numerics", type(lm).__name__)
 
     from lm_eval.evaluator import evaluate
+
+    from nemo_opd.runtime import is_rank0
 
     loaded = load_tasks(resolved)
     for task in loaded["tasks"].values():

@@ -10,6 +10,10 @@ Two ways, each labelled with its numerics in the results:
 * **TRT-LLM** — :func:`trtllm_lm` serves the export unchanged with TensorRT-LLM through lm-eval's
   ``trtllm`` model (NGC containers; raises :class:`BackendUnavailable` elsewhere).
 
+:func:`checkpoint_dtype` says which dtype a checkpoint's weights are stored in (the default
+dtype of ``nemo_opd eval`` and of ``--model nemo_opd``); :func:`plain_checkpoint` gives the HF
+directory to load, the export's dequantised copy when there is one.
+
 Dequantisers are looked up by the checkpoint's ``quant_algo`` in :data:`DEQUANTIZERS`; another
 format plugs in with :func:`register_dequantizer`. Built in: FP8 (per tensor / per channel),
 INT8 weight-only and SmoothQuant, INT4 blockwise (``INT4_AWQ``, ``W4A16_AWQ``, ``W4A8_AWQ``:
@@ -19,10 +23,13 @@ every format :func:`nemo_opd.quant.export.export_student` writes.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import json
 import logging
 import shutil
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +38,13 @@ import torch
 __all__ = [
     "BackendUnavailable",
     "DEQUANTIZERS",
+    "DTYPES",
     "Dequantizer",
+    "checkpoint_dtype",
     "dequantize_export",
     "dequantize_tensors",
     "hf_lm",
+    "plain_checkpoint",
     "read_quant_config",
     "register_dequantizer",
     "trtllm_lm",
@@ -50,6 +60,12 @@ scales (``<prefix>.weight_scale``...); ``quant`` is the ``quantization`` section
 
 DEQUANTIZERS: dict[str, Dequantizer] = {}
 """``quant_algo`` (upper case, as ModelOpt writes it) → dequantiser."""
+
+DTYPES = ("float32", "bfloat16", "float16")
+"""Weight dtypes the megatron and HF evaluation backends accept, by torch name."""
+
+# safetensors header spellings of DTYPES
+_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
 # Tensors that only serve the quantized kernels; a dequantised model has no use for them.
 _SCALE_SUFFIXES = (".weight_scale", ".weight_scale_2", ".input_scale", ".pre_quant_scale",
@@ -202,16 +218,94 @@ def dequantize_export(export_dir: str | Path, out_dir: str | Path, *,
     return out_dir
 
 
-def hf_lm(model_dir: str | Path, *, dtype: str = "bfloat16", batch_size: int = 8,
+def _stored_dtype(model_dir: Path) -> str | None:
+    """The dtype holding most elements among the unquantized floating-point tensors of
+    ``model_dir/*.safetensors`` (read from the file headers; no tensor is loaded), or None."""
+    elements: collections.Counter[str] = collections.Counter()
+    for shard in sorted(model_dir.glob("*.safetensors")):
+        with open(shard, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        header.pop("__metadata__", None)
+        quantized = {name.removesuffix(".weight_scale") + ".weight" for name in header
+                     if name.endswith(".weight_scale")}
+        for name, info in header.items():
+            dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+            if dtype and name not in quantized and not name.endswith(_SCALE_SUFFIXES):
+                count = 1
+                for size in info["shape"]:
+                    count *= size
+                elements[dtype] += count
+    return elements.most_common(1)[0][0] if elements else None
+
+
+def checkpoint_dtype(model_dir: str | Path) -> str:
+    """The dtype (``"float32"``, ``"bfloat16"`` or ``"float16"``) a checkpoint's weights are
+    stored in: what ``nemo_opd eval`` and ``--model nemo_opd`` load it in unless told otherwise.
+
+    A ModelOpt export (``hf_quant_config.json``): the dtype of its unquantized tensors
+    (embeddings, norms, output layer), from the safetensors headers; its ``config.json`` keeps
+    the source model's dtype, which the export may have changed. A plain HF directory:
+    ``config.json``'s ``dtype`` (transformers >= 4.56) or ``torch_dtype``, else the headers.
+
+    Raises:
+        FileNotFoundError: no ``config.json``.
+        ValueError: no dtype can be read, or it is none of :data:`DTYPES`.
+    """
+    model_dir = Path(model_dir)
+    config_file = model_dir / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{model_dir} has no config.json (expected a Hugging Face model "
+                                "directory or a ModelOpt unified export)")
+    config = json.loads(config_file.read_text())
+    named = None if (model_dir / QUANT_CONFIG_FILE).is_file() else (
+        config.get("dtype") or config.get("torch_dtype"))
+    dtype = named if named not in (None, "auto") else _stored_dtype(model_dir)
+    if dtype is None:
+        raise ValueError(f"cannot tell the dtype of {model_dir}: its config.json names none and "
+                         "it has no *.safetensors weights; pass the dtype (--dtype / dtype=)")
+    dtype = str(dtype).removeprefix("torch.")
+    if dtype not in DTYPES:
+        raise ValueError(f"{model_dir} stores {dtype} weights; evaluation runs in one of "
+                         f"{', '.join(DTYPES)}: pass one (--dtype / dtype=)")
+    return dtype
+
+
+@contextlib.contextmanager
+def plain_checkpoint(model_dir: str | Path, *, export: bool = False,
+                     dtype: str | None = None) -> Iterator[tuple[Path, str]]:
+    """``(HF directory to load, dtype name)`` for the block.
+
+    ``export=False``: ``model_dir`` itself. ``export=True``: ``model_dir`` is a ModelOpt unified
+    checkpoint, dequantised (:func:`dequantize_export`) into a temporary directory removed when
+    the block ends. ``dtype`` None means :func:`checkpoint_dtype` of ``model_dir``.
+    """
+    dtype = dtype or checkpoint_dtype(model_dir)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if not export:
+        yield Path(model_dir), dtype
+        return
+    with tempfile.TemporaryDirectory(prefix="nemo_opd_") as scratch:
+        yield dequantize_export(model_dir, Path(scratch) / "dequantised",
+                                dtype=getattr(torch, dtype)), dtype
+
+
+def hf_lm(model_dir: str | Path, *, dtype: str | None = None, batch_size: int = 8,
           max_length: int | None = None, numerics: str | None = None):
-    """lm-eval's ``HFLM`` on a plain HF directory, with a ``numerics`` label (default
-    ``"HF <dtype>"``, e.g. ``"HF bf16"``)."""
-    from lm_eval.models.huggingface import HFLM
+    """lm-eval's ``hf`` model on a plain HF directory, built as its command line builds it
+    (``lm_eval --model hf --model_args pretrained=DIR,dtype=DTYPE[,max_length=N]
+    --batch_size B --device cuda|cpu``), with a ``numerics`` label (default ``"HF <dtype>"``,
+    e.g. ``"HF bf16"``). ``dtype`` None: :func:`checkpoint_dtype`."""
+    from lm_eval.api.registry import get_model
 
     from nemo_opd.eval.lm import dtype_label
 
-    lm = HFLM(pretrained=str(model_dir), dtype=dtype, batch_size=batch_size, device="cpu"
-              if not torch.cuda.is_available() else "cuda", max_length=max_length)
+    dtype = dtype or checkpoint_dtype(model_dir)
+    model_args = {"pretrained": str(model_dir), "dtype": dtype}
+    if max_length is not None:
+        model_args["max_length"] = max_length
+    lm = get_model("hf").create_from_arg_obj(model_args, {
+        "batch_size": batch_size, "device": "cuda" if torch.cuda.is_available() else "cpu"})
     lm.numerics = numerics or f"HF {dtype_label(dtype)}"
     return lm
 

@@ -19,18 +19,29 @@ rank computes identical results; only global rank 0 shows progress bars.
 Greedy decoding runs on the rollout engine
 (:class:`~nemo_opd.rollout.megatron_engine.MegatronEngine`, megatron's static KV cache), the same
 decoder the trainer's on-policy rollouts use.
+
+From a checkpoint directory: :func:`open_megatron_lm` (a context manager; ``nemo_opd eval`` uses
+it) or :meth:`MegatronLM.from_pretrained`, which lm-eval calls for ``--model nemo_opd
+--model_args pretrained=DIR,tp=2,dtype=bfloat16,export=true`` — importing this module registers
+the class under that name in lm-eval's model registry (lm-eval 0.4.13 cannot discover it by
+itself; :mod:`nemo_opd.eval.lm_eval_cli` runs lm-eval's own command line with it registered).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
-from collections.abc import Iterable, Sequence
+import weakref
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
+import lm_eval.models  # noqa: F401  (lm-eval's own names first; see MODEL_NAME)
 import torch
 import torch.distributed as dist
 from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
 from lm_eval.models.utils import (
     Collator,
     handle_stop_sequences,
@@ -43,10 +54,16 @@ from tqdm import tqdm
 from nemo_opd.loss import vocab_parallel_logprobs
 from nemo_opd.runtime import is_rank0
 
-__all__ = ["LMConfig", "MegatronLM", "TokenizerRoundTripError", "describe_numerics",
-           "dtype_label"]
+__all__ = ["LMConfig", "MODEL_NAME", "MegatronLM", "TokenizerRoundTripError",
+           "describe_numerics", "dtype_label", "open_megatron_lm"]
 
 logger = logging.getLogger(__name__)
+
+MODEL_NAME = "nemo_opd"
+"""lm-eval model name of :class:`MegatronLM` (``--model nemo_opd``). lm-eval's ``get_model``
+fills its registry with lm-eval's own models only while the registry is empty, so this module
+imports ``lm_eval.models`` before registering: otherwise ``--model hf`` would stop resolving in
+a process that imported this module first."""
 
 # (request string or None, context token ids, continuation token ids), as TemplateLM builds them.
 TokenRequest = tuple[tuple[str, str] | None, list[int], list[int]]
@@ -121,8 +138,12 @@ def describe_numerics(model: torch.nn.Module) -> str:
     return f"megatron fake-quant {fmt}{' w+a' if acts else ''} {short}"
 
 
+@register_model(MODEL_NAME)
 class MegatronLM(TemplateLM):
     """lm-eval ``LM`` over a megatron-core ``GPTModel`` (any TP size) and an HF tokenizer.
+
+    From a checkpoint directory, lm-eval style: :meth:`from_pretrained` (what
+    ``--model nemo_opd --model_args ...`` calls).
 
     Args:
         model: a ``GPTModel`` built with ``parallel_output=True`` (vocab-sharded logits); it is
@@ -161,6 +182,86 @@ class MegatronLM(TemplateLM):
             else tokenizer.eos_token_id
         self._checked_texts: set[str] = set()
         self._warned_whitespace = False
+
+    # ------------------------------------------------------------------ from a directory
+
+    @classmethod
+    def from_pretrained(cls, pretrained: str | Path, *, tp: int = 1, dtype: str | None = None,
+                        export: bool = False, batch_size: int | str = 8,
+                        max_length: int | None = None, max_gen_toks: int = 256,
+                        add_bos_token: bool | None = None, check_round_trip: bool = True,
+                        device: str | None = None, max_batch_size: int | None = None,
+                        ) -> MegatronLM:
+        """Load ``pretrained`` (an HF model directory, or a ModelOpt unified export with
+        ``export=True``) as a megatron ``GPTModel`` at tensor-parallel size ``tp`` and wrap it.
+
+        The process runtime (``torch.distributed`` + megatron parallel state; under torchrun
+        its world, else one process) and an export's dequantised copy are held by the returned
+        LM and released by :meth:`close`, at garbage collection or at interpreter exit. A runtime
+        that is already up is used as is (its TP size must be ``tp``).
+
+        Args:
+            pretrained: model directory.
+            tp: tensor-parallel size (launch ``torchrun --nproc-per-node N`` for ``tp=N``).
+            dtype: ``float32`` / ``bfloat16`` / ``float16``; None: the checkpoint's
+                (:func:`nemo_opd.eval.exported.checkpoint_dtype`).
+            export: ``pretrained`` is a ModelOpt unified export (``hf_quant_config.json``):
+                evaluate its dequantised weights.
+            batch_size, max_length, max_gen_toks, add_bos_token, check_round_trip:
+                :class:`LMConfig` fields (``batch_size`` may be a numeric string, as lm-eval's
+                ``--batch_size`` passes it; ``auto`` is not supported).
+            device: lm-eval's ``--device`` (its CLI passes ``cuda:0`` unless told otherwise),
+                ignored: the runtime places the model on ``cuda:LOCAL_RANK`` when CUDA is
+                available, else on ``cpu``, as every TP rank must hold its shard locally.
+            max_batch_size: lm-eval's, for ``batch_size=auto``; ignored.
+        """
+        del max_batch_size  # only meaningful with batch_size=auto, which is refused
+        if isinstance(batch_size, str):
+            if not batch_size.strip().isdigit():
+                raise ValueError(f"MegatronLM needs a fixed batch size, got {batch_size!r} "
+                                 "(lm-eval's 'auto' is not supported)")
+            batch_size = int(batch_size)
+        config = LMConfig(batch_size=batch_size, max_length=max_length,
+                          max_gen_toks=max_gen_toks, add_bos_token=add_bos_token,
+                          check_round_trip=check_round_trip)
+        stack = contextlib.ExitStack()
+        try:
+            lm = stack.enter_context(open_megatron_lm(
+                pretrained, tp=tp, dtype=dtype, export=_as_bool("export", export), config=config))
+        except BaseException:
+            stack.close()
+            raise
+        if device is not None and torch.device(device).type != lm._device.type:
+            # lm-eval's CLI passes --device always (default cuda:0, on any machine), so only a
+            # device asked for explicitly is worth a word: cpu on a CUDA machine.
+            log = logger.warning if torch.device(device).type == "cpu" else logger.info
+            log("device %r ignored: the runtime placed the model on %s", device, lm._device)
+        lm._release = weakref.finalize(lm, stack.close)
+        return lm
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict[str, Any],
+                            additional_config: dict[str, Any] | None = None) -> MegatronLM:
+        """lm-eval's constructor hook: ``arg_dict`` = ``--model_args``, ``additional_config`` =
+        ``--batch_size`` / ``--max_batch_size`` / ``--device``; a ``--model_args`` key wins over
+        the same key there (lm-eval's ``--batch_size`` defaults to 1 and is always passed)."""
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        return cls.from_pretrained(**(extra | dict(arg_dict)))
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str,
+                               additional_config: dict[str, Any] | None = None) -> MegatronLM:
+        """``"pretrained=DIR,tp=2,..."``: parsed as lm-eval parses ``--model_args`` strings."""
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    def close(self) -> None:
+        """Release what :meth:`from_pretrained` holds (runtime, temporary files); idempotent.
+        A no-op for an LM built around a model the caller owns."""
+        release = getattr(self, "_release", None)
+        if release is not None:
+            release()
 
     # ------------------------------------------------------------------ lm-eval plumbing
 
@@ -380,6 +481,55 @@ class MegatronLM(TemplateLM):
                 progress.update(1)
         progress.close()
         return collator.get_original(results)
+
+
+def _as_bool(name: str, value: bool | str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
+@contextlib.contextmanager
+def open_megatron_lm(pretrained: str | Path, *, tp: int = 1, dtype: str | None = None,
+                     export: bool = False, config: LMConfig | None = None) -> Iterator[MegatronLM]:
+    """A :class:`MegatronLM` over the checkpoint in ``pretrained`` for the block.
+
+    Loads the HF directory (``export=True``: the ModelOpt export's dequantised copy) into a
+    megatron ``GPTModel`` at TP = ``tp`` in ``dtype`` (None: the checkpoint's), with the
+    tokenizer saved next to it. The runtime is brought up for the block unless one is already
+    up (a recipe, a test), whose TP size must then be ``tp``. ``config.numerics`` None: derived
+    from the model, ``"megatron dequantised bf16"`` for an export.
+    """
+    from megatron.core import parallel_state
+    from transformers import AutoTokenizer
+
+    from nemo_opd.eval.exported import plain_checkpoint
+    from nemo_opd.models import load_hf_gpt
+    from nemo_opd.runtime import ParallelConfig, distributed_runtime
+
+    parallel = ParallelConfig(tensor_model_parallel_size=tp)
+    with contextlib.ExitStack() as stack:
+        model_dir, dtype = stack.enter_context(plain_checkpoint(pretrained, export=export,
+                                                                dtype=dtype))
+        if parallel_state.model_parallel_is_initialized():
+            # Inside a running job: use its runtime, whose layout must match; a process group
+            # cannot be torn down and brought up again in one process.
+            running = parallel_state.get_tensor_model_parallel_world_size()
+            if running != tp:
+                raise ValueError(f"tp = {tp} differs from the running job's tensor-parallel "
+                                 f"size {running}")
+        else:
+            stack.enter_context(distributed_runtime(parallel))
+        model = load_hf_gpt(model_dir, parallel, dtype=getattr(torch, dtype))
+        config = config or LMConfig()
+        if config.numerics is None:
+            numerics = describe_numerics(model)
+            if export:
+                numerics = numerics.replace("megatron ", "megatron dequantised ", 1)
+            config = dataclasses.replace(config, numerics=numerics)
+        yield MegatronLM(model, AutoTokenizer.from_pretrained(model_dir), config)
 
 
 def _snippet(text: str, at: int, width: int = 30) -> str:

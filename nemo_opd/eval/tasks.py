@@ -169,6 +169,19 @@ class LocalTask:
         }
 
 
+    def write_yaml(self, folder: str | Path) -> Path:
+        """Write ``<folder>/<name>.yaml``, the task as lm-eval's ``--include_path`` reads it
+        (:meth:`lm_eval_config` with the data path made absolute); returns its path."""
+        import yaml  # a dependency of lm-eval
+
+        config = self.lm_eval_config()
+        config["dataset_kwargs"] = {"data_files": {"test": str(self.path.resolve())}}
+        path = Path(folder) / f"{self.name}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        return path
+
+
 @dataclasses.dataclass(frozen=True)
 class ResolvedTask:
     """One results-table column: what lm-eval loads and which results make it up."""
