@@ -38,6 +38,7 @@ from nemo_opd.config import (
     RunConfig,
     StrategyConfig,
 )
+from nemo_opd.console import Stages, configure_console
 from nemo_opd.launch import executors  # noqa: F401  (registers run.executor=local|slurm|docker)
 from nemo_opd.launch.executors import check_world_fits, executor_gpu_memory_gib
 from nemo_opd.launch.memory import check_memory_fits, format_plan
@@ -46,7 +47,6 @@ from nemo_opd.launch.recipe import config_tree, recipe_main
 from nemo_opd.launch.stages import (
     check_inputs_exist,
     check_output_dir,
-    configure_logging,
     evaluate_export,
     evaluator,
     exit_preempted,
@@ -59,9 +59,13 @@ from nemo_opd.launch.stages import (
     write_results,
 )
 from nemo_opd.rollout.engine import SamplingParams
-from nemo_opd.runtime import ParallelConfig, distributed_runtime
+from nemo_opd.runtime import ParallelConfig, is_rank0
 
 logger = logging.getLogger("onpolicy_qat")
+
+STAGES = ("teacher eval", "PTQ eval", "distill", "student eval", "export", "export eval",
+          "table")
+"""The run's stages, each announced on the console with its elapsed time at the end."""
 
 
 def onpolicy_qat(
@@ -90,6 +94,7 @@ def onpolicy_qat(
     ``<output_dir>/results.json``).
     """
     from nemo_opd.models.checkpoint import load_model_checkpoint
+    from nemo_opd.runtime import distributed_runtime
     from nemo_opd.train import PreemptionFlag, run_distillation
     from nemo_opd.train.setup import (
         build_fresh_student_shell,
@@ -102,7 +107,8 @@ def onpolicy_qat(
         teacher_groups,
     )
 
-    configure_logging()
+    configure_console()
+    stages = Stages(STAGES, enabled=is_rank0())
     with distributed_runtime(model.student_parallel, seed=seed):
         # 1. The config. The demo's teacher is trained and cached the first time only.
         model, data, evaluation = use_demo_assets(model, data, evaluation, demo_dir)
@@ -133,39 +139,43 @@ def onpolicy_qat(
                        for k, v in baseline.items()}
         # With pipeline parallelism, evaluation builds whole models (TP = PP = 1) on each rank.
         eval_cfg, eval_groups = whole_layout(cfg)
-        records = [
-            reuse_or_evaluate(out / "eval_teacher.json", fingerprint, lambda: evaluate(
-                build_teacher(eval_cfg, eval_groups or teacher_groups(cfg)[0]),
-                run_name="teacher", role="teacher")),
-            reuse_or_evaluate(out / "eval_ptq.json", fingerprint, lambda: evaluate(
-                build_student(eval_cfg, calibration_batches(cfg, examples, pad_id),
-                              pg_collection=eval_groups),
-                run_name=f"PTQ {cfg.quant.format}", role="ptq")),
-        ]
+        stages.start("teacher eval")
+        records = [reuse_or_evaluate(out / "eval_teacher.json", fingerprint, lambda: evaluate(
+            build_teacher(eval_cfg, eval_groups or teacher_groups(cfg)[0]),
+            run_name="teacher", role="teacher"))]
+        stages.start("PTQ eval")
+        records.append(reuse_or_evaluate(out / "eval_ptq.json", fingerprint, lambda: evaluate(
+            build_student(eval_cfg, calibration_batches(cfg, examples, pad_id),
+                          pg_collection=eval_groups),
+            run_name=f"PTQ {cfg.quant.format}", role="ptq")))
 
         # 3. Distillation. The hook evaluates every `eval_every` steps and after the last one;
         # that last call also exports the trained student while it is in memory.
         exported: list[Path] = []
 
         def eval_hook(student: Any, steps_done: int) -> dict[str, float]:
+            final = steps_done == cfg.total_steps
+            if final:
+                stages.start("student eval")
             if eval_groups is not None:  # a pipeline stage: evaluate this step's checkpoint
                 student = whole_student_from_checkpoint(cfg, steps_done)[0]
             record = evaluate(student, run_name=f"student step {steps_done}", role="student")
-            if steps_done == cfg.total_steps:
+            if final:
                 records.append({**record, "run": f"on-policy QAT ({cfg.quant.format})"})
                 if export.enabled:
+                    stages.start("export")
                     exported.extend(export_trained_student(student, cfg, export))
+                stages.end()
             return {f"eval/{k}": v["value"] for k, v in record["tasks"].items()}
 
         # SLURM's signals (SIGUSR1 before the time limit, SIGTERM on preemption) stop training
         # after the step in flight, with a checkpoint there; the job then exits non-zero without
         # writing the table, and its requeue resumes from that checkpoint.
+        stages.start("distill", f"{cfg.total_steps} steps")
         with PreemptionFlag() as preempted:
             result = run_distillation(cfg, eval_hook=eval_hook, should_stop=preempted)
         if result.preempted or preempted():  # (or signalled in the last step's evaluation)
             exit_preempted(result.steps_done, resume=cfg.checkpoint.resume)
-        log_rank0(logger, "distilled %d steps; last checkpoint %s", result.steps_done,
-                  result.last_checkpoint)
         if records[-1]["role"] != "student":
             # A requeued job whose training had already finished: the loop ran no step, so the
             # hook never saw the trained student; evaluate (and export) its final checkpoint.
@@ -179,6 +189,7 @@ def onpolicy_qat(
         # run: it is written first, then the failure is raised.
         export_error = None
         if exported and export.evaluate:
+            stages.start("export eval")
             try:
                 records += evaluate_export(exported[0], evaluation,
                                            run_name=f"export {cfg.quant.format}")
@@ -186,7 +197,9 @@ def onpolicy_qat(
                 export_error = err
 
         # 5. The seeds' table.
-        table = write_results(records, out, history=result.evaluations)
+        stages.start("table")
+        table = write_results(records, out, history=result.evaluations, cfg=cfg)
+        stages.end(f"{out}/results.{{json,md,png}}; total {stages.elapsed:.0f} s")
         if export_error is not None:
             raise RuntimeError(f"evaluating the export in {exported[0]} failed ({export_error}); "
                                f"the table without it is in {out}/results.json") from export_error

@@ -291,11 +291,12 @@ def test_two_ranks_agree_on_a_failed_save_and_a_damaged_checkpoint(tiny_model_di
 
 def _signalled_run(args: dict) -> None:
     """This file as a script: the recipe's preemption path on tiny models, one process."""
-    from nemo_opd.launch.stages import configure_logging, exit_preempted
+    from nemo_opd.console import configure_console
+    from nemo_opd.launch.stages import exit_preempted
     from nemo_opd.runtime import ParallelConfig, distributed_runtime
     from nemo_opd.train import PreemptionFlag, run_distillation
 
-    configure_logging()
+    configure_console()
     cfg = _config(args["dirs"], args["data_file"], args["out"],
                   optim=OptimConfig(steps=200, micro_batch_size=2, lr=3e-3),
                   checkpoint=CheckpointConfig(save_every=1, keep_last=2))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -20,12 +19,12 @@ import torch
 import torch.distributed as dist
 
 from nemo_opd.config import DataConfig, ModelConfig, RunConfig
+from nemo_opd.console import third_party_prints_off
 from nemo_opd.launch.plans import DEMO, EvalPlan, ExportPlan
 from nemo_opd.runtime import is_rank0
 
 __all__ = [
     "log_rank0",
-    "configure_logging",
     "use_demo_assets",
     "check_inputs_exist",
     "check_output_dir",
@@ -53,13 +52,6 @@ def _barrier() -> None:
 def log_rank0(log: logging.Logger, message: str, *args: Any) -> None:
     if is_rank0():
         log.info(message, *args)
-
-
-def configure_logging() -> None:
-    """INFO to the console on rank 0 (torchrun's ``RANK``), warnings only on the others."""
-    rank0 = os.environ.get("RANK", "0") == "0"
-    logging.basicConfig(level=logging.INFO if rank0 else logging.WARNING,
-                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
 def use_demo_assets(model: ModelConfig, data: DataConfig, evaluation: EvalPlan,
@@ -206,14 +198,12 @@ def export_trained_student(student: torch.nn.Module | None, cfg: RunConfig, plan
     # its whole copy; only rank 0's lands in export_dir, the others' in scratch space.
     target = export_dir if is_rank0() else Path(tempfile.mkdtemp(prefix="nemo_opd_export_"))
     try:
-        with model_parallel_layout(student.pg_collection):
-            result = export_student(student, cfg.model.student, target,
-                                    dtype=_DTYPES[plan.dtype],
-                                    tokenizer_dir=cfg.model.tokenizer_path)
+        with model_parallel_layout(student.pg_collection), third_party_prints_off():
+            export_student(student, cfg.model.student, target, dtype=_DTYPES[plan.dtype],
+                           tokenizer_dir=cfg.model.tokenizer_path)
     finally:
         if not is_rank0():
             shutil.rmtree(target, ignore_errors=True)
-    log_rank0(logger, "exported the student to %s", result.export_dir)
     _barrier()
     return [export_dir]
 

@@ -249,6 +249,6 @@ def load_hf_gpt(model_dir: str | Path, parallel: ParallelConfig | None = None, *
               else contextlib.nullcontext())
     with layout:
         PaddedVocabImporter(model, str(model_dir), dtype=dtype).import_weights()
-    logger.info("loaded %s from %s (%s)", config.architecture, model_dir, dtype)
+    logger.debug("loaded %s from %s (%s)", config.architecture, model_dir, dtype)
     return model
 

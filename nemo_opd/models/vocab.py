@@ -25,6 +25,8 @@ from modelopt.torch.export.plugins.mcore_common import (
 )
 from modelopt.torch.export.plugins.megatron_importer import GPTModelImporter
 
+from nemo_opd.console import is_verbose
+
 __all__ = ["PADDED_LOGIT", "mask_padded_vocab", "PaddedVocabImporter", "trim_padded_vocab"]
 
 PADDED_LOGIT = -1.0e4
@@ -66,6 +68,9 @@ class PaddedVocabImporter(GPTModelImporter):
 
     def __init__(self, model: torch.nn.Module, model_dir: str, *, dtype: torch.dtype) -> None:
         super().__init__(model, model_dir, dtype=dtype)
+        # ModelOpt's per-layer import bars (rank 0) join the third-party bars nemo_opd.console
+        # turns off unless verbose.
+        self.disable_tqdm = self.disable_tqdm or not is_verbose()
         self._vocab_keys = _vocab_keys(all_mcore_hf_import_mapping[self.arch])
         self._padded_vocab_size = model.vocab_size
 

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
+from nemo_opd.console import third_party_prints_off
 from nemo_opd.quant.formats import FORMATS, check_deployable, quant_config
 
 __all__ = ["quantize_student", "check_block_sizes", "enabled_quantizers"]
@@ -93,7 +94,9 @@ def quantize_student(model: torch.nn.Module, fmt: str | dict[str, Any] | Path,
     if isinstance(fmt, str):
         check_deployable(fmt, target_gpu)
         check_block_sizes(model, fmt, quantize_output_layer=quantize_output_layer)
-    mtq.quantize(model, config, forward_loop)
+    # ModelOpt prints "Inserted N quantizers"; the count is logged below, per kind.
+    with third_party_prints_off():
+        mtq.quantize(model, config, forward_loop)
     quantizers = enabled_quantizers(model)
     if not quantizers["weight"]:
         raise ValueError(f"quantization config {fmt!r} enabled no weight quantizer in the model; "

@@ -1,4 +1,5 @@
-"""Per-step metrics sinks on rank 0: console progress bar, JSONL, TensorBoard, wandb.
+"""Per-step metrics sinks on rank 0: console progress (:class:`nemo_opd.console.Progress`),
+JSONL, TensorBoard, wandb.
 
 Every sink is optional; TensorBoard is skipped with one notice when the ``tensorboard`` package is
 missing, wandb is used only when a project is configured (and must then be installed).
@@ -8,12 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from nemo_opd.config import RunConfig
+from nemo_opd.console import Progress
 
 __all__ = ["MetricsLogger"]
 
@@ -52,10 +52,11 @@ class MetricsLogger:
                  ) -> None:
         self.enabled = rank == 0
         self.cfg, self.total_steps = cfg.logging, total_steps
-        self._jsonl = self._tensorboard = self._wandb = None
-        self._start, self._t0 = start_step, time.perf_counter()
+        self._jsonl = self._tensorboard = self._wandb = self._progress = None
         if not self.enabled:
             return
+        if self.cfg.progress_bar:
+            self._progress = Progress(total_steps, initial=start_step)
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         if self.cfg.jsonl:
@@ -91,22 +92,8 @@ class MetricsLogger:
                 self._tensorboard.add_scalar(f"train/{key}", value, step)
         if self._wandb is not None:
             self._wandb.log(numbers, step=step)
-        if self.cfg.progress_bar:
-            self._bar(step, numbers)
-
-    def _bar(self, step: int, numbers: dict[str, float]) -> None:
-        done = step / self.total_steps
-        width = 24
-        filled = int(done * width)
-        elapsed = time.perf_counter() - self._t0
-        rate = elapsed / max(step - self._start, 1)
-        eta = rate * (self.total_steps - step)
-        fields = " ".join(f"{k}={numbers[k]:.4g}" for k in _BAR_KEYS if k in numbers)
-        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {step}/{self.total_steps} "
-                         f"{fields} eta {eta:.0f}s")
-        if step == self.total_steps:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
+        if self._progress is not None:
+            self._progress.update(step, {k: numbers[k] for k in _BAR_KEYS if k in numbers})
 
     def log_event(self, step: int, kind: str, payload: dict[str, Any]) -> None:
         """A non-metric record (evaluation results, a NaN stop) in the JSONL file and wandb."""
@@ -123,6 +110,8 @@ class MetricsLogger:
             self._wandb.log(numbers, step=step)
 
     def close(self) -> None:
+        if self._progress is not None:
+            self._progress.close()
         if self._jsonl is not None:
             self._jsonl.close()
         if self._tensorboard is not None:
