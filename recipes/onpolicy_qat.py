@@ -116,9 +116,9 @@ def onpolicy_qat(
                         optim=optim, checkpoint=checkpoint, logging=logging,
                         output_dir=output_dir, eval_every=eval_every, seed=seed)
         check_inputs_exist(cfg)  # a missing model or data file fails before any weight loads
-        log_rank0(logger, "student %s -> %s, teacher %s, %d steps, output in %s",
+        log_rank0(logger, "student %s -> %s, teacher %s, %d steps on %d rank(s), output in %s",
                   cfg.model.student, cfg.quant.format, cfg.model.teacher or "(self)",
-                  cfg.total_steps, cfg.output_dir)
+                  cfg.total_steps, dist.get_world_size(), cfg.output_dir)
         out = Path(cfg.output_dir)
         tokenizer = load_tokenizer(cfg.model.tokenizer_path)
         evaluate = evaluator(evaluation, tokenizer)
@@ -199,7 +199,7 @@ def onpolicy_qat(
         # 5. The seeds' table.
         stages.start("table")
         table = write_results(records, out, history=result.evaluations, cfg=cfg)
-        stages.end(f"{out}/results.{{json,md,png}}; total {stages.elapsed:.0f} s")
+        stages.end(f"run total {stages.elapsed:.0f} s")
         if export_error is not None:
             raise RuntimeError(f"evaluating the export in {exported[0]} failed ({export_error}); "
                                f"the table without it is in {out}/results.json") from export_error

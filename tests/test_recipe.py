@@ -30,7 +30,7 @@ def _nemo_run(job: dict[str, Path], output_dir: Path, *extra: str,
     """The default (built-in demo) recipe with a few steps and 40 documents per task; its exit
     status must be ``returncode``."""
     args = [str(BIN / "nemo"), "run", "recipes/onpolicy_qat.py", "optim.steps=3",
-            "optim.micro_batch_size=8", "evaluation.limit=40", "logging.progress_bar=false",
+            "optim.micro_batch_size=8", "evaluation.limit=40",
             f"demo_dir={job['demo_dir']}", f"output_dir={output_dir}", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NEMORUN_HOME": str(job["root"] / "home"),
            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
@@ -51,8 +51,26 @@ def _rows(output_dir: Path) -> dict[str, dict]:
 @pytest.fixture(scope="module")
 def tp1(job) -> Path:
     out = job["root"] / "tp1"
-    _nemo_run(job, out)
+    job["tp1_console"] = _nemo_run(job, out).stdout
     return out
+
+
+def test_console_of_a_run_in_a_log_file(job, tp1):
+    """stdout and stderr are a pipe here, as in a SLURM log: no carriage returns, no
+    third-party warning, one line per stage, and at most 40 lines in all."""
+    console = job["tp1_console"]
+    lines = console.splitlines()
+    assert "\r" not in console and "Warning" not in console, console
+    assert len(lines) <= 40, console
+    stages = [line.split("nemo_opd: ", 1)[1] for line in lines if "nemo_opd: [" in line]
+    names = ["teacher eval", "PTQ eval", "distill", "student eval", "export", "export eval",
+             "table"]
+    assert [s.split(" ...")[0] for s in stages[::2]] == [f"[{i}/7] {n}"
+                                                        for i, n in enumerate(names, 1)]
+    assert all(" done in " in s for s in stages[1::2])
+    assert [line.split("nemo_opd: ")[1].split()[1] for line in lines
+            if "nemo_opd: step " in line] == ["1/3", "2/3", "3/3"]
+    assert "Dry run for task" not in console  # NeMo-Run's table: --dryrun/--verbose only
 
 
 def test_tp1_end_to_end_writes_every_row(job, tp1):

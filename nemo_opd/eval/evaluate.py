@@ -130,8 +130,8 @@ def evaluate_model(lm_or_model: Any, tasks: Sequence[str] = (), *,
     for task in loaded["tasks"].values():
         _set_fewshot(task, num_fewshot)
     if is_rank0():
-        logger.info("evaluating %s (%s) on %s", run_name, numerics,
-                    ", ".join(f"{t.name} [{len(t.leaves)} task(s)]" for t in resolved))
+        logger.debug("evaluating %s (%s) on %s", run_name, numerics,
+                     ", ".join(f"{t.name} [{len(t.leaves)} task(s)]" for t in resolved))
     # lm-eval's lower-level `evaluate`, not `simple_evaluate`: the latter returns results on
     # LOCAL_RANK 0 only and reseeds the global RNGs (an in-loop evaluation must not reseed
     # training). Every TP rank gets the same results; callers write from rank 0.

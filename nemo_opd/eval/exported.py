@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import json
 import logging
 import shutil
@@ -34,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from nemo_opd.console import is_verbose
 
 __all__ = [
     "BackendUnavailable",
@@ -214,7 +217,7 @@ def dequantize_export(export_dir: str | Path, out_dir: str | Path, *,
         tensors.update(load_file(shard))
     save_file(dequantize_tensors(tensors, quant, dtype=dtype), out_dir / "model.safetensors",
               metadata={"format": "pt"})
-    logger.info("dequantised %s (%s) to %s (%s)", export_dir, quant["quant_algo"], out_dir, dtype)
+    logger.debug("dequantised %s (%s) to %s (%s)", export_dir, quant["quant_algo"], out_dir, dtype)
     return out_dir
 
 
@@ -307,6 +310,9 @@ def hf_lm(model_dir: str | Path, *, dtype: str | None = None, batch_size: int = 
     lm = get_model("hf").create_from_arg_obj(model_args, {
         "batch_size": batch_size, "device": "cuda" if torch.cuda.is_available() else "cpu"})
     lm.numerics = numerics or f"HF {dtype_label(dtype)}"
+    if not is_verbose():  # lm-eval's per-request bars: third-party bars (nemo_opd.console)
+        for method in ("loglikelihood", "loglikelihood_rolling", "generate_until"):
+            setattr(lm, method, functools.partial(getattr(lm, method), disable_tqdm=True))
     return lm
 
 

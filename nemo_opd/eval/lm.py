@@ -14,7 +14,7 @@ Tensor parallelism: every rank of the model's TP group must make the same calls 
 requests (lm-eval sees a world of one on each rank; data-parallel ranks duplicate the work). The
 logits of a forward are this rank's vocabulary shard ``[b, s, V/tp]``; log-probabilities come from
 :func:`nemo_opd.loss.vocab_parallel_logprobs` and greedy tokens from a TP-global argmax, so every
-rank computes identical results; only global rank 0 shows progress bars.
+rank computes identical results; only global rank 0 shows progress bars, and only on a terminal.
 
 Greedy decoding runs on the rollout engine
 (:class:`~nemo_opd.rollout.megatron_engine.MegatronEngine`, megatron's static KV cache), the same
@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import sys
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -51,6 +52,7 @@ from lm_eval.models.utils import (
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
+from nemo_opd.console import is_verbose
 from nemo_opd.loss import vocab_parallel_logprobs
 from nemo_opd.runtime import is_rank0
 
@@ -174,7 +176,9 @@ class MegatronLM(TemplateLM):
         group = tp_group if tp_group is not None else model.pg_collection.tp
         self._tp_group = group if dist.get_world_size(group) > 1 else None
         self._tp_rank = dist.get_rank(group) if self._tp_group is not None else 0
-        self._show_progress = is_rank0()
+        # A bar per request type on a terminal; in a log file (no terminal) none: \r-redrawn
+        # bars would make one giant line of it.
+        self._show_progress = is_rank0() and sys.stderr.isatty()
         self._device = next(model.parameters()).device
         self.numerics = self.config.numerics or describe_numerics(model)
         self._max_length = self.config.max_length or int(model.max_sequence_length)
@@ -329,7 +333,8 @@ class MegatronLM(TemplateLM):
     def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         self.check_round_trip(context + continuation for context, continuation in
                               (req.args for req in requests))
-        return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+        # lm-eval's own "Tokenizing inputs" bar: a third-party bar (nemo_opd.console).
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not is_verbose())
 
     # ------------------------------------------------------------------ model math
 

@@ -159,7 +159,7 @@ def initialize_runtime(
         device=device, parallel=parallel, data_parallel_size=data_parallel_size,
         owns_process_group=owns_group,
     )
-    logger.info("runtime up: %s", _RUNTIME)
+    logger.debug("runtime up: %s", _RUNTIME)
     return _RUNTIME
 
 
