@@ -37,6 +37,10 @@ ENTRY_POINTS = (
     ("nemo_opd lm_eval --help", ["nemo_opd", "lm_eval", "--help"], ("module", "nemo_opd")),
     ("python recipes/onpolicy_qat.py --help", ["recipes/onpolicy_qat.py", "--help"],
      ("path", "recipes/onpolicy_qat.py")),
+    # NeMo-Run's `nemo` imports NeMo-Run, then the verb execs `python recipes/...`: the probe
+    # is the recipe's.
+    ("nemo run recipes/onpolicy_qat.py --help", ["nemo", "run", "recipes/onpolicy_qat.py",
+                                                 "--help"], ("path", "recipes/onpolicy_qat.py")),
     ("python recipes/sweep.py --help", ["recipes/sweep.py", "--help"],
      ("path", "recipes/sweep.py")),
 )
@@ -53,8 +57,9 @@ print("PROBE " + ",".join(m for m in {heavy!r} if m in sys.modules))
 
 
 def _command(argv: list[str]) -> list[str]:
-    """What a user runs: the console script for ``nemo_opd``, ``python FILE`` for recipes."""
-    if argv[0] == "nemo_opd":
+    """What a user runs: the console script for ``nemo_opd``/``nemo``, ``python FILE`` for
+    recipes."""
+    if argv[0] in ("nemo_opd", "nemo"):
         script = Path(sys.executable).with_name("nemo_opd")
         return [str(script), *argv[1:]] if script.exists() else [sys.executable, "-m", *argv]
     return [sys.executable, *argv]
@@ -93,7 +98,7 @@ def main() -> None:
             codes[label].add(code)
     rows = []
     for label, argv, (kind, target) in ENTRY_POINTS:
-        probe = _probe(argv, kind, target, env)
+        probe = _probe(argv[2:] if argv[0] == "nemo" else argv, kind, target, env)
         rows.append({"command": label, "min_s": min(times[label]),
                      "median_s": statistics.median(times[label]), "runs": times[label],
                      "exit_codes": sorted(codes[label]), **probe})

@@ -85,7 +85,8 @@ def test_nemo_run_operators_and_optional_values(recipe):
     apply_overrides(task, ["optim.lr*=2", "optim.steps+=2", "sampling.seed=7",
                            "evaluation.limit=None", "evaluation.num_fewshot=3"])
     args, tiny = built_arguments(task), built_arguments(recipe.tiny())
-    assert args["optim"].lr == 2 * tiny["optim"].lr and args["optim"].steps == tiny["optim"].steps + 2
+    assert args["optim"].lr == 2 * tiny["optim"].lr
+    assert args["optim"].steps == tiny["optim"].steps + 2
     assert args["sampling"].seed == 7 and args["evaluation"].limit is None
     assert args["evaluation"].num_fewshot == 3
 
