@@ -26,6 +26,8 @@ __all__ = [
     "RECOMPUTE_GRANULARITIES",
     "RECOMPUTE_METHODS",
     "OVERLONG_POLICIES",
+    "ROLLOUT_ENGINES",
+    "IMPORTANCE_CORRECTIONS",
     "STRATEGIES",
     "CheckpointConfig",
     "DataConfig",
@@ -34,6 +36,7 @@ __all__ = [
     "ModelConfig",
     "OptimConfig",
     "QuantConfig",
+    "RolloutConfig",
     "RunConfig",
     "StrategyConfig",
 ]
@@ -43,6 +46,8 @@ RECOMPUTE_GRANULARITIES = ("none", "selective", "full")
 RECOMPUTE_METHODS = ("uniform", "block")
 LOSS_KINDS = ("full", "topk", "sampled")
 OVERLONG_POLICIES = ("truncate_left", "drop", "error")
+ROLLOUT_ENGINES = ("megatron", "hf", "trtllm", "vllm")
+IMPORTANCE_CORRECTIONS = ("truncate", "mask", "none")
 STRATEGIES = ("on_policy_gkd", "hybrid", "extended_on_policy", "teacher_seeded", "mixture",
               "replay_buffer", "kl_anchored", "reverse_curriculum")
 
@@ -383,6 +388,35 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+    """Who writes the student's rollouts, in what batches, and how the trainer corrects for an
+    engine whose numerics differ from its own."""
+
+    engine: str = "megatron"
+    """One of :data:`ROLLOUT_ENGINES`: "megatron" the training student itself (colocated, the
+    trainer's own numerics); "hf" Hugging Face ``generate`` on the student's dequantised weights,
+    refit in place after every optimizer step; "trtllm" / "vllm" external engines refit through
+    their weight-update calls (containers only)."""
+    batch_size: int = 0
+    """Prompts per engine call; 0 = all of this data-parallel rank's prompts of the step (every
+    micro batch at once), independent of ``optim.micro_batch_size``."""
+    importance: str = "truncate"
+    """One of :data:`IMPORTANCE_CORRECTIONS`, applied to every loss on rollout tokens with the
+    ratio ``r = exp(log πθ − log μ)`` of the trainer's and the engine's log-probs: "truncate"
+    weights each token by ``min(r, importance_cap)``; "mask" drops tokens with ``r`` outside
+    ``[1 / importance_cap, importance_cap]``; "none" ignores the engine's log-probs."""
+    importance_cap: float = 2.0
+    """The cap of "truncate" and the band of "mask" (> 1)."""
+
+    def __post_init__(self) -> None:
+        _check_choice(self, "engine", ROLLOUT_ENGINES)
+        _check_ints(self, 0, "batch_size")
+        _check_choice(self, "importance", IMPORTANCE_CORRECTIONS)
+        if not _is_number(self.importance_cap) or self.importance_cap <= 1:
+            _fail(self, "importance_cap", "a finite number > 1")
+
+
+@dataclasses.dataclass(frozen=True)
 class LoggingConfig:
     """Where per-step metrics go."""
 
@@ -416,6 +450,8 @@ class RunConfig:
     """Objective and schedule."""
     sampling: SamplingParams = SamplingParams(max_new_tokens=128)
     """Student rollouts (its ``seed`` is replaced per step by one derived from ``seed``)."""
+    rollout: RolloutConfig = RolloutConfig()
+    """Rollout engine, batching and importance correction."""
     optim: OptimConfig = OptimConfig()
     """Optimizer and schedule."""
     checkpoint: CheckpointConfig = CheckpointConfig()

@@ -35,6 +35,7 @@ from nemo_opd.config import (
     ModelConfig,
     OptimConfig,
     QuantConfig,
+    RolloutConfig,
     RunConfig,
     StrategyConfig,
 )
@@ -74,6 +75,7 @@ def onpolicy_qat(
     quant: QuantConfig,
     distill: DistillConfig,
     sampling: SamplingParams,
+    rollout: RolloutConfig,
     optim: OptimConfig,
     checkpoint: CheckpointConfig,
     logging: LoggingConfig,  # RunConfig's field name; the module logger is `logger`
@@ -113,7 +115,7 @@ def onpolicy_qat(
         # 1. The config. The demo's teacher is trained and cached the first time only.
         model, data, evaluation = use_demo_assets(model, data, evaluation, demo_dir)
         cfg = RunConfig(model=model, data=data, quant=quant, distill=distill, sampling=sampling,
-                        optim=optim, checkpoint=checkpoint, logging=logging,
+                        rollout=rollout, optim=optim, checkpoint=checkpoint, logging=logging,
                         output_dir=output_dir, eval_every=eval_every, seed=seed)
         check_inputs_exist(cfg)  # a missing model or data file fails before any weight loads
         log_rank0(logger, "student %s -> %s, teacher %s, %d steps on %d rank(s), output in %s",
@@ -213,8 +215,9 @@ def _preset(**sections: Any) -> run.Partial:
     """``run.Partial(onpolicy_qat, ...)``: ``sections`` over the defaults, every section a
     nested ``run.Config`` (so each field is a dotted override)."""
     defaults = {"quant": QuantConfig(), "distill": DistillConfig(),
-                "sampling": SamplingParams(max_new_tokens=128), "optim": OptimConfig(),
-                "checkpoint": CheckpointConfig(), "logging": LoggingConfig(),
+                "sampling": SamplingParams(max_new_tokens=128), "rollout": RolloutConfig(),
+                "optim": OptimConfig(), "checkpoint": CheckpointConfig(),
+                "logging": LoggingConfig(),
                 "evaluation": EvalPlan(), "export": ExportPlan()}
     return run.Partial(onpolicy_qat, **{name: config_tree(value)
                                         for name, value in {**defaults, **sections}.items()})
