@@ -264,6 +264,8 @@ class Trainer:
             except NonFiniteLossError as err:
                 raise self._stopped(step, err) from None
             self.optim.apply()
+            if self._engine is not None:  # an external engine samples the next step's rollouts
+                self._engine.update_weights(self.models.student)
         optim_seconds = time.perf_counter() - optim_started
         return self._step_metrics(results, sources, lr, grad_norm, optim_seconds,
                                   time.perf_counter() - started)
