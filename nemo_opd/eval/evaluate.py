@@ -18,6 +18,7 @@ as lm-eval's own MMLU group reports it. At TP > 1 every rank of the model runs t
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import math
@@ -122,8 +123,10 @@ def evaluate_model(lm_or_model: Any, tasks: Sequence[str] = (), *,
     lm = _as_lm(lm_or_model, tokenizer, lm_config)
     numerics = numerics or getattr(lm, "numerics", type(lm).__name__)
 
+    import torch
     from lm_eval.evaluator import evaluate
 
+    from nemo_opd.quant.student import weights_quantized_once
     from nemo_opd.runtime import is_rank0
 
     loaded = load_tasks(resolved)
@@ -135,8 +138,12 @@ def evaluate_model(lm_or_model: Any, tasks: Sequence[str] = (), *,
     # lm-eval's lower-level `evaluate`, not `simple_evaluate`: the latter returns results on
     # LOCAL_RANK 0 only and reseeds the global RNGs (an in-loop evaluation must not reseed
     # training). Every TP rank gets the same results; callers write from rank 0.
-    results = evaluate(lm=lm, task_dict=loaded, limit=limit, bootstrap_iters=bootstrap_iters,
-                       log_samples=False)
+    # The weights are fixed while lm-eval runs: a quantized model quantizes them once.
+    model = getattr(lm, "model", None)
+    with (weights_quantized_once(model) if isinstance(model, torch.nn.Module)
+          else contextlib.nullcontext()):
+        results = evaluate(lm=lm, task_dict=loaded, limit=limit,
+                           bootstrap_iters=bootstrap_iters, log_samples=False)
     columns = {task.name: _column(task, results) for task in resolved}
     return {
         "schema": RESULT_SCHEMA,

@@ -10,8 +10,9 @@ straight-through gradients (QAT).
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from nemo_opd.console import third_party_prints_off
 from nemo_opd.quant.formats import FORMATS, check_deployable, quant_config
 
-__all__ = ["quantize_student", "check_block_sizes", "enabled_quantizers"]
+__all__ = ["quantize_student", "check_block_sizes", "enabled_quantizers", "weights_quantized_once"]
 
 logger = logging.getLogger(__name__)
 
@@ -104,3 +105,43 @@ def quantize_student(model: torch.nn.Module, fmt: str | dict[str, Any] | Path,
     logger.info("quantized student with %s: %d weight, %d input quantizers", fmt,
                 len(quantizers["weight"]), len(quantizers["input"]))
     return model
+
+
+@contextlib.contextmanager
+def weights_quantized_once(model: torch.nn.Module) -> Iterator[int]:
+    """While the weights are fixed (rollouts: no grad, no optimizer step), quantize every weight
+    once instead of on every forward; yields how many weights were quantized.
+
+    ModelOpt's quantized linears call ``weight_quantizer(weight)`` on the parameter in each
+    forward (megatron's parallel linears through the replaced linear functional, ``nn.Linear``
+    through the dynamic ``weight`` attribute), so a decode loop re-quantizes every weight for
+    every token. Here each enabled weight quantizer is called once on its parameter, its output
+    stands in for the parameter's data, and the quantizer is disabled (a disabled
+    ``TensorQuantizer`` passes its input through): the forwards compute the same tensors, bit
+    for bit. On exit every parameter gets its own data back and
+    every quantizer is enabled again. Input/output (activation) quantizers are untouched.
+
+    Cost: one extra copy of the quantized weights while the block runs. Models without weight
+    quantizers pass through unchanged (0).
+    """
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    swapped: list[tuple[torch.nn.Parameter, torch.Tensor, TensorQuantizer]] = []
+    try:
+        with torch.no_grad():
+            for module in model.modules():
+                quantizer = getattr(module, "weight_quantizer", None)
+                parameter = module._parameters.get("weight") if hasattr(module, "_parameters") \
+                    else None
+                if (not isinstance(quantizer, TensorQuantizer) or not quantizer.is_enabled
+                        or parameter is None):
+                    continue
+                quantized = quantizer(parameter)
+                swapped.append((parameter, parameter.data, quantizer))
+                parameter.data = quantized
+                quantizer.disable()
+        yield len(swapped)
+    finally:
+        for parameter, data, quantizer in swapped:
+            parameter.data = data
+            quantizer.enable()

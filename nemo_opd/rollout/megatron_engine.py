@@ -21,6 +21,10 @@ positions (no attention mask, no shifted RoPE), so its log-probs equal a teacher
 that row alone. Finished rows are moved to the back of the cache
 (``StaticInferenceContext.swap_key_value_dict``) and no longer computed.
 
+Quantized students. The weights do not change during a call, so each ModelOpt weight quantizer
+runs once per call (:func:`nemo_opd.quant.student.weights_quantized_once`), not once per decoded
+token; tokens and log-probs are bit-identical to quantizing in every forward.
+
 Tensor parallelism. Logits are gathered over the model's TP group (``runtime_gather_output``), so
 every TP rank holds the same full-vocabulary logits and samples with the same seeded generator:
 tokens are identical across TP ranks. Every TP rank must call :meth:`MegatronEngine.generate`
@@ -43,6 +47,7 @@ import torch
 import torch.distributed as dist
 from megatron.core.inference.contexts.static_context import StaticInferenceContext
 
+from nemo_opd.quant.student import weights_quantized_once
 from nemo_opd.rollout.engine import LogprobKind, RolloutBatch, SamplingParams
 from nemo_opd.rollout.sampling import sample_tokens
 
@@ -268,8 +273,10 @@ class MegatronEngine:
         modes = [(module, module.training) for module in self.model.modules()]
         self.model.eval()
         try:
-            tokens, logprobs, lengths, stopped, kind = self._generate_rows(
-                [p + q for p, q in expanded], prefix_stopped, params, stop_ids, seed, device)
+            # The weights are fixed for the whole call: quantize them once, not once per token.
+            with weights_quantized_once(self.model):
+                tokens, logprobs, lengths, stopped, kind = self._generate_rows(
+                    [p + q for p, q in expanded], prefix_stopped, params, stop_ids, seed, device)
         finally:
             for module, training in modes:
                 module.training = training
