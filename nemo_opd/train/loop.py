@@ -35,11 +35,11 @@ from megatron.core import parallel_state
 
 from nemo_opd.config import RunConfig
 from nemo_opd.data import EpochBatches, Example, ReplayBuffer, SequenceBatch, step_rng
-from nemo_opd.rollout.engine import RolloutEngine
+from nemo_opd.rollout.engine import RolloutBatch, RolloutEngine
 from nemo_opd.rollout.megatron_engine import MegatronEngine
 from nemo_opd.rollout.teacher_seeded import TeacherSeededRollouts
 from nemo_opd.runtime import distributed_runtime, runtime_device, seed_all
-from nemo_opd.strategies import PlanPart, Strategy, TeacherContext, build_strategy
+from nemo_opd.strategies import PlanPart, StepPlan, Strategy, TeacherContext, build_strategy
 from nemo_opd.train import checkpoint as ckpt
 from nemo_opd.train import setup
 from nemo_opd.train.divergence import DivergenceError, DivergenceGuard
@@ -178,48 +178,77 @@ class Trainer:
             self._engine = self._engine_factory(self.models.student, self.student_tp_group)
         return self._engine
 
-    def _sampling_seed(self, step: int, micro: int) -> int:
+    def _sampling_seed(self, step: int, call: int) -> int:
         # Keyed on the data-parallel rank too: DP ranks hold different prompts anyway, and TP
         # ranks of one group must draw the same tokens.
         dp_rank = parallel_state.get_data_parallel_rank()
-        return step_rng(self.cfg.seed, step, micro, f"sample/{dp_rank}").randrange(2**31)
+        return step_rng(self.cfg.seed, step, call, f"sample/{dp_rank}").randrange(2**31)
 
-    def _rollouts(self, examples: list[Example], part: PlanPart, step: int, micro: int
-                  ) -> SequenceBatch:
-        params = dataclasses.replace(self.cfg.sampling, seed=self._sampling_seed(step, micro))
-        prompts = [list(e.prompt_ids) for e in examples]
-        if self.strategy.name == "teacher_seeded":
-            if self._seeded is None:
-                strategy = self.cfg.distill.strategy
-                teacher_engine = self._engine_factory(self.models.teacher,
-                                                      self.models.teacher_tp_group)
-                self._seeded = TeacherSeededRollouts(
-                    self._engine_for_student(), teacher_engine,
-                    self.strategy.prefix_schedule,
-                    loss_tokens="all" if strategy.seed_prefix_loss else "student")
-            rollout = self._seeded.generate(prompts, params, step=step)
-        else:
-            rollout = self._engine_for_student().generate(prompts, params)
-        batch = SequenceBatch.from_rollout(rollout)
-        self._rollout_stats.append((rollout.num_generated_tokens, rollout.generation_seconds,
-                                    float(rollout.response_lengths.float().mean()),
-                                    float(rollout.prefix_lengths.float().mean())))
-        if self.replay is not None:
-            self.replay.add(batch)
-        return batch
+    def _generate(self, prompts: list[list[int]], step: int, call: int) -> RolloutBatch:
+        """One engine call (the teacher-seeded pair of engines for that strategy)."""
+        params = dataclasses.replace(self.cfg.sampling, seed=self._sampling_seed(step, call))
+        if self.strategy.name != "teacher_seeded":
+            return self._engine_for_student().generate(prompts, params)
+        if self._seeded is None:
+            strategy = self.cfg.distill.strategy
+            teacher_engine = self._engine_factory(self.models.teacher,
+                                                  self.models.teacher_tp_group)
+            self._seeded = TeacherSeededRollouts(
+                self._engine_for_student(), teacher_engine, self.strategy.prefix_schedule,
+                loss_tokens="all" if strategy.seed_prefix_loss else "student")
+        return self._seeded.generate(prompts, params, step=step)
 
-    def _sequences(self, examples: list[Example], part: PlanPart, step: int, micro: int
-                   ) -> SequenceBatch:
-        if part.source == "dataset":
-            return SequenceBatch.from_examples(examples, self.pad_id)
-        if part.source == "replay":
-            rows = len(examples) * self.cfg.sampling.n
-            replayed = self.replay.sample(rows, self.pad_id, step=step, micro_batch=micro)
-            if replayed is not None:
-                return replayed
+    def _rollout_rows(self, prompts: list[list[int]], step: int) -> list[dict[str, Any]]:
+        """Rollouts of every prompt of the step (``n`` rows each, in prompt order), from engine
+        calls of ``rollout.batch_size`` prompts (all at once when 0), as unpadded rows."""
+        size = self.cfg.rollout.batch_size or len(prompts)
+        rows: list[dict[str, Any]] = []
+        for call, start in enumerate(range(0, len(prompts), size)):
+            rollout = self._generate(prompts[start:start + size], step, call)
+            self._rollout_stats.append((rollout.num_generated_tokens, rollout.generation_seconds,
+                                        float(rollout.response_lengths.float().mean()),
+                                        float(rollout.prefix_lengths.float().mean())))
+            rows += SequenceBatch.from_rollout(rollout).rows()
+        return rows
+
+    def _step_sequences(self, examples: list[list[Example]], plans: list[StepPlan], step: int
+                        ) -> dict[tuple[int, int], SequenceBatch]:
+        """The sequences of every (micro batch, part) of the step.
+
+        Dataset parts are the examples' responses; replay parts come from the buffer (as it was
+        before this step's rollouts) when it holds enough; every other part's rollouts are
+        generated together, decoupled from the micro-batch size (:meth:`_rollout_rows`), then
+        split back into the micro batches and added to the replay buffer in that order.
+        """
+        out: dict[tuple[int, int], SequenceBatch] = {}
+        fresh: list[tuple[int, int]] = []
+        for micro, (batch, plan) in enumerate(zip(examples, plans, strict=True)):
+            for index, part in enumerate(plan.parts):
+                if part.source == "dataset":
+                    out[micro, index] = SequenceBatch.from_examples(batch, self.pad_id)
+                elif part.source == "replay" and (
+                        replayed := self._replayed(len(batch), step, micro)) is not None:
+                    out[micro, index] = replayed
+                else:
+                    fresh.append((micro, index))
+        prompts = [list(e.prompt_ids) for micro, _ in fresh for e in examples[micro]]
+        rows = self._rollout_rows(prompts, step) if prompts else []
+        n = self.cfg.sampling.n
+        for micro, index in fresh:
+            count = len(examples[micro]) * n
+            out[micro, index] = SequenceBatch.from_rows(rows[:count], self.pad_id, "rollout")
+            rows = rows[count:]
+            if self.replay is not None:
+                self.replay.add(out[micro, index])
+        return out
+
+    def _replayed(self, prompts: int, step: int, micro: int) -> SequenceBatch | None:
+        rows = prompts * self.cfg.sampling.n
+        replayed = self.replay.sample(rows, self.pad_id, step=step, micro_batch=micro)
+        if replayed is None:
             logger.info("step %d: replay buffer holds %d < %d sequences; fresh rollouts instead",
                         step, len(self.replay), rows)
-        return self._rollouts(examples, part, step, micro)
+        return replayed
 
     # ---------------------------------------------------------------- one step
 
@@ -233,15 +262,15 @@ class Trainer:
         results: list[tuple[PlanPart, ScoreResult]] = []
         sources: list[str] = []
         plans = [self.strategy.plan(step, micro) for micro in range(accumulation)]
+        examples = [self.batches.next_batch() for _ in plans]
+        try:
+            sequences = self._step_sequences(examples, plans, step)
+        except FloatingPointError as err:  # non-finite logits while sampling
+            raise self._stopped(step, NonFiniteLossError(str(err)), "rollouts") from None
         last = (accumulation - 1, len(plans[-1].parts) - 1)
         for micro, plan in enumerate(plans):
-            examples = self.batches.next_batch()
             for index, part in enumerate(plan.parts):
-                try:
-                    batch = self._sequences(examples, part, step, micro)
-                except FloatingPointError as err:  # non-finite logits while sampling
-                    raise self._stopped(step, NonFiniteLossError(str(err)),
-                                        f"micro batch {micro}, {part.source}") from None
+                batch = sequences[micro, index]
                 sources.append(batch.source)
                 try:
                     # Only the last backward of the step may start the DP gradient reduction.
