@@ -79,3 +79,34 @@ def test_rollouts_are_batched_per_step_not_per_micro_batch(tiny_model_dirs, trai
     for batch_size in (3, 1):
         assert all(abs(a - b) < 1e-6 for a, b in zip(out[batch_size]["losses"],
                                                      out[0]["losses"], strict=True))
+
+
+def _prefill_rows(model_dir: str) -> dict:
+    import torch
+
+    from nemo_opd.models import load_hf_gpt
+    from nemo_opd.rollout import MegatronEngine
+    from nemo_opd.runtime import ParallelConfig, distributed_runtime
+
+    with distributed_runtime(ParallelConfig(1)):
+        model = load_hf_gpt(model_dir, ParallelConfig(1))
+        fed: list[tuple[int, int]] = []
+        model.register_forward_pre_hook(lambda module, args: fed.append(tuple(args[0].shape)))
+        engine = MegatronEngine(model, pad_id=0, eos_id=None)
+        no_cache = MegatronEngine(model, pad_id=0, eos_id=None, use_kv_cache=False)
+        params = SamplingParams(temperature=1.0, n=3, max_new_tokens=4, seed=3)
+        prompts = [[5, 6, 7, 8], [9, 10, 11]]
+        shared = engine.generate(prompts, params)
+        calls = list(fed)
+        reference = no_cache.generate(prompts, params)
+        return {"calls": calls, "tokens_equal": torch.equal(shared.tokens, reference.tokens),
+                "logprob_err": float((shared.logprobs - reference.logprobs).abs().max())}
+
+
+def test_samples_of_a_prompt_share_one_prefill(tiny_model_dirs):
+    """n = 3 samples of 2 prompts: the prefill runs on 2 rows (one per prompt; its KV cache is
+    copied), the decode steps on all 6; tokens and log-probs as recomputing without a cache."""
+    (out,) = run_ranks(_prefill_rows, world_size=1, model_dir=tiny_model_dirs["llama"])
+    assert out["calls"][0] == (2, 3)  # prompts' common length 3: one row per prompt
+    assert out["calls"][1] == (6, 1)  # then one token per row, all six
+    assert out["tokens_equal"] and out["logprob_err"] < 1e-5

@@ -19,7 +19,9 @@ prefix); after that every step feeds one token per row — the row's own context
 still has context left, else the token just sampled. Every row thus sees exactly its own
 positions (no attention mask, no shifted RoPE), so its log-probs equal a teacher-forced forward of
 that row alone. Finished rows are moved to the back of the cache
-(``StaticInferenceContext.swap_key_value_dict``) and no longer computed.
+(``StaticInferenceContext.swap_key_value_dict``) and no longer computed. The ``n`` samples of a
+prompt share one prefill: it runs on one row per prompt and the KV cache is copied to the
+others (the same swap), not recomputed.
 
 Quantized students. The weights do not change during a call, so each ModelOpt weight quantizer
 runs once per call (:func:`nemo_opd.quant.student.weights_quantized_once`), not once per decoded
@@ -184,6 +186,17 @@ class MegatronEngine:
             cache.enable_decode_mode()
         return logits[:, -1].float()
 
+    def _shared_prefill(self, cache: StaticInferenceContext, tokens: torch.Tensor,
+                        slots: torch.Tensor, active: int, group: int, end: int) -> torch.Tensor:
+        """The prefill of rows that come in groups of ``group`` identical contexts (``n``
+        samples per prompt): one row per group is computed, its KV cache copied to the group's
+        other slots; returns the ``[active, V]`` logits of ``slots[:active]``."""
+        groups, rep_of = torch.unique(slots[:active] // group, return_inverse=True)
+        logits = self._next_logits(cache, tokens, groups * group, 0, end)
+        rest = torch.arange(active, len(slots), device=slots.device)
+        cache.swap_key_value_dict(torch.cat([rep_of, rest]))
+        return logits[rep_of]
+
     @torch.no_grad()
     def _generate_rows(self, contexts: list[list[int]], prefix_stopped: torch.Tensor,
                        params: SamplingParams, stop_ids: list[int], seed: int,
@@ -191,9 +204,10 @@ class MegatronEngine:
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                   LogprobKind]:
         """Tokens ``[R, T]``, log-probs ``[R, T]``, lengths ``[R]``, stopped ``[R]`` and the
-        log-prob kind for rows continuing ``contexts``; rows flagged in ``prefix_stopped``
-        (a forced prefix that ends with a stop id) are complete already."""
-        rows = len(contexts)
+        log-prob kind for rows continuing ``contexts``, which come in groups of ``params.n``
+        identical ones (their prefill is shared); rows flagged in ``prefix_stopped`` (a forced
+        prefix that ends with a stop id) are complete already."""
+        rows, group = len(contexts), params.n
         context_lengths = torch.tensor([len(c) for c in contexts], device=device)
         budget = (self.max_sequence_length - context_lengths).clamp(max=params.max_new_tokens)
         total = int((context_lengths + budget).max())
@@ -217,7 +231,10 @@ class MegatronEngine:
         position = int(context_lengths.min())
         fed = 0
         while active:
-            logits = self._next_logits(cache, tokens, slots[:active], fed, position)
+            if fed == 0 and cache is not None and group > 1:
+                logits = self._shared_prefill(cache, tokens, slots, active, group, position)
+            else:
+                logits = self._next_logits(cache, tokens, slots[:active], fed, position)
             fed = position
             live = slots[:active]
             generating = context_lengths[live] <= position
