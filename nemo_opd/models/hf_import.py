@@ -35,6 +35,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from nemo_opd.models.attention import SDPAttention
 from nemo_opd.models.hf_config import HFModelConfig, check_parallel_fits, read_hf_config
 from nemo_opd.models.vocab import PaddedVocabImporter, mask_padded_vocab
 from nemo_opd.runtime import ParallelConfig, model_parallel_layout
@@ -173,15 +174,27 @@ def _layer_spec(config: TransformerConfig, quantizable: bool,
               and importlib.util.find_spec("transformer_engine") is not None)
     if config.num_moe_experts:
         pp_rank = None if pg_collection is None else pg_collection.pp.rank()
-        return get_gpt_decoder_block_spec(config, use_transformer_engine=use_te,
-                                          normalization="RMSNorm", pp_rank=pp_rank)
+        block = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te,
+                                           normalization="RMSNorm", pp_rank=pp_rank)
+        if not use_te:
+            for layer in block.layer_specs:
+                _use_sdpa(layer)
+        return block
     if use_te:
         if not quantizable:
             return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
         from megatron.core.post_training.modelopt.gpt.model_specs import get_gpt_modelopt_spec
 
         return get_gpt_modelopt_spec(config, remap_te_layernorm=True)
-    return get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization="RMSNorm")
+    return _use_sdpa(get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm,
+                                              normalization="RMSNorm"))
+
+
+def _use_sdpa(layer: ModuleSpec) -> ModuleSpec:
+    """The local spec's core attention through PyTorch's SDPA (:mod:`nemo_opd.models.attention`:
+    fused kernels, GQA without repeated KV heads); in place, returned for chaining."""
+    layer.submodules.self_attention.submodules.core_attention = SDPAttention
+    return layer
 
 
 def _pipeline_stage(pg_collection: ProcessGroupCollection | None) -> tuple[bool, bool]:
