@@ -1,7 +1,8 @@
 """The unit the trainer scores: right-padded token sequences with a loss mask, from either source.
 
 Dataset examples (off-policy) become prompt + reference response; student rollouts
-(:class:`~nemo_opd.rollout.RolloutBatch`) keep their tokens, loss mask and sampling log-probs.
+(:class:`~nemo_opd.rollout.RolloutBatch`) keep their tokens, loss mask and the engine's
+log-probs (with their kind, for the trainer's importance correction).
 Both end up as a :class:`SequenceBatch`, so everything downstream is source-agnostic.
 """
 
@@ -14,7 +15,7 @@ from typing import Any
 import torch
 
 from nemo_opd.data.source import Example
-from nemo_opd.rollout.engine import RolloutBatch
+from nemo_opd.rollout.engine import LogprobKind, RolloutBatch
 
 __all__ = ["SOURCES", "SequenceBatch"]
 
@@ -37,8 +38,13 @@ class SequenceBatch:
     source: str
     """One of :data:`SOURCES`."""
     rollout_logprobs: torch.Tensor | None = None
-    """``[B, T]`` float32 sampling log-probs of the tokens when they were generated (rollouts and
-    replayed rollouts), else None."""
+    """``[B, T]`` float32 log-probs the engine recorded for the tokens when it generated them
+    (the behaviour policy ``log μ``; rollouts and replayed rollouts; placeholders 0 at prompt
+    and padding positions), else None."""
+    rollout_logprob_kind: LogprobKind | None = None
+    """Which distribution :attr:`rollout_logprobs` are under (``"sampling"`` or ``"raw"``,
+    :data:`~nemo_opd.rollout.LogprobKind`); None when unknown (no log-probs, or replayed rows
+    stored before the kind was recorded: the trainer then assumes its sampling config's)."""
     example_indices: tuple[int, ...] = ()
     """Dataset row of each sequence (dataset source only: the teacher-cache key)."""
 
@@ -48,6 +54,13 @@ class SequenceBatch:
         if self.tokens.dim() != 2 or self.loss_mask.shape != self.tokens.shape:
             raise ValueError(f"SequenceBatch.tokens [B, T] and loss_mask must agree, got "
                              f"{tuple(self.tokens.shape)} and {tuple(self.loss_mask.shape)}")
+        if self.rollout_logprobs is not None and self.rollout_logprobs.shape != self.tokens.shape:
+            raise ValueError(f"SequenceBatch.rollout_logprobs must have the tokens' shape "
+                             f"{tuple(self.tokens.shape)}, got "
+                             f"{tuple(self.rollout_logprobs.shape)}")
+        if self.rollout_logprob_kind not in (None, "sampling", "raw"):
+            raise ValueError(f"SequenceBatch.rollout_logprob_kind must be 'sampling', 'raw' or "
+                             f"None, got {self.rollout_logprob_kind!r}")
 
     @property
     def num_loss_tokens(self) -> int:
@@ -75,7 +88,8 @@ class SequenceBatch:
     def from_rollout(cls, rollout: RolloutBatch) -> SequenceBatch:
         """A rollout batch, with the loss mask the engine set."""
         return cls(rollout.tokens, rollout.loss_mask.clone(), rollout.lengths,
-                   rollout.prompt_lengths, "rollout", rollout_logprobs=rollout.logprobs)
+                   rollout.prompt_lengths, "rollout", rollout_logprobs=rollout.logprobs,
+                   rollout_logprob_kind=rollout.logprob_kind)
 
     def rows(self) -> list[dict[str, Any]]:
         """Per-sequence plain lists (unpadded): what the replay buffer stores and checkpoints."""
@@ -86,16 +100,22 @@ class SequenceBatch:
                         "loss_mask": self.loss_mask[r, :n].tolist(),
                         "prompt_length": int(self.prompt_lengths[r]),
                         "logprobs": (None if self.rollout_logprobs is None
-                                     else self.rollout_logprobs[r, :n].tolist())})
+                                     else self.rollout_logprobs[r, :n].tolist()),
+                        "logprob_kind": self.rollout_logprob_kind})
         return out
 
     @classmethod
     def from_rows(cls, rows: Sequence[dict[str, Any]], pad_id: int, source: str) -> SequenceBatch:
-        """Inverse of :meth:`rows` (re-padded)."""
+        """Inverse of :meth:`rows` (re-padded). Rows without a ``"logprob_kind"`` (stored by an
+        older version) give kind None; rows of different kinds raise ``ValueError``."""
         width = max(len(r["tokens"]) for r in rows)
         tokens = torch.full((len(rows), width), pad_id, dtype=torch.int64)
         loss_mask = torch.zeros(len(rows), width, dtype=torch.bool)
         has_logprobs = all(r["logprobs"] is not None for r in rows)
+        kinds = {r.get("logprob_kind") for r in rows} if has_logprobs else {None}
+        if len(kinds) > 1:
+            raise ValueError(f"rows hold log-probs of different kinds {sorted(map(str, kinds))}; "
+                             "one batch must have one kind")
         logprobs = torch.zeros(len(rows), width) if has_logprobs else None
         for i, r in enumerate(rows):
             n = len(r["tokens"])
@@ -105,4 +125,4 @@ class SequenceBatch:
                 logprobs[i, :n] = torch.tensor(r["logprobs"])
         return cls(tokens, loss_mask, torch.tensor([len(r["tokens"]) for r in rows]),
                    torch.tensor([r["prompt_length"] for r in rows]), source,
-                   rollout_logprobs=logprobs)
+                   rollout_logprobs=logprobs, rollout_logprob_kind=kinds.pop())

@@ -12,12 +12,17 @@ tokens that is identical on every TP rank. ``beta`` is always the generalized-JS
   a tail bucket (:class:`TeacherTopK` is what a teacher on another layout sends or a cache holds);
 * :func:`sampled_token_reverse_kl` — seed 003's per-token reverse-KL advantage with importance
   sampling; :func:`vocab_parallel_logprobs` gathers log-probs at given ids;
+* :func:`sampling_logprobs` + :func:`importance_weights` — the trainer's log-probs of rollout
+  tokens under the engine's sampling distribution, and the per-token weights (truncated or
+  masked importance sampling) every loss takes as ``weights=`` for an engine whose numerics
+  differ from the trainer's;
 * :class:`GeneralizedJSDLogitsLoss` — ``modelopt.torch.distill`` criterion (NeMo / Megatron-Bridge
   distillation configs).
 """
 
 from nemo_opd.loss.criterion import GeneralizedJSDLogitsLoss
 from nemo_opd.loss.fused import fused_generalized_jsd
+from nemo_opd.loss.importance import importance_stats, importance_weights, sampling_logprobs
 from nemo_opd.loss.jsd import generalized_jsd
 from nemo_opd.loss.logprobs import vocab_parallel_logprobs
 from nemo_opd.loss.sampled import SampledReverseKL, sampled_token_reverse_kl
@@ -29,7 +34,10 @@ __all__ = [
     "TeacherTopK",
     "fused_generalized_jsd",
     "generalized_jsd",
+    "importance_stats",
+    "importance_weights",
     "sampled_token_reverse_kl",
+    "sampling_logprobs",
     "teacher_topk",
     "topk_generalized_jsd",
     "vocab_parallel_logprobs",

@@ -32,6 +32,7 @@ from nemo_opd.loss.vocab_parallel import (
     check_chunk_tokens,
     check_logits,
     check_temperature,
+    check_weights,
     compute_dtype,
     default_chunk_tokens,
     row_chunks,
@@ -135,6 +136,7 @@ def fused_generalized_jsd(
     tp_group: dist.ProcessGroup | None = None,
     chunk_tokens: int | None = None,
     continuous: bool = False,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`~nemo_opd.loss.generalized_jsd` of ``student_hidden @ student_weightᵀ`` and
     ``teacher_hidden @ teacher_weightᵀ``, without materialising the logits.
@@ -153,7 +155,8 @@ def fused_generalized_jsd(
         teacher_hidden: ``[..., H_t]``; teacher_weight: ``[V/tp, H_t]`` (same vocab shard);
             treated as constants (no gradient). Each side's hidden states and weight share a
             dtype; the math runs in float32 (float64 if the student is float64).
-        beta, temperature, mask, tp_group, continuous: as in ``generalized_jsd``.
+        beta, temperature, mask, tp_group, continuous, weights: as in ``generalized_jsd``
+            (``Σ_valid w_t D_t / N_valid``).
         chunk_tokens: tokens per matmul block (default: ~2²⁵ logits elements per block).
 
     Returns:
@@ -176,6 +179,7 @@ def fused_generalized_jsd(
             raise ValueError(f"{side}_weight dtype {weight.dtype} must equal {side}_hidden's "
                              f"{hidden.dtype} (the output layer runs in one dtype)")
     check_chunk_tokens(chunk_tokens)
+    check_weights(weights, student_hidden.shape[:-1])
     shard = agree_on_inputs(tp_group, lead=student_hidden.shape[:-1],
                             v_local=student_weight.shape[0], other_lead=teacher_hidden.shape[:-1],
                             other_vocab=teacher_weight.shape[0], mask=mask,
@@ -187,4 +191,7 @@ def fused_generalized_jsd(
                                        divergence_for(beta, continuous=continuous),
                                        1.0 / float(temperature), valid_rows(mask), shard,
                                        block_tokens)
-    return masked_mean(per_token.reshape(student_hidden.shape[:-1]), mask)
+    per_token = per_token.reshape(student_hidden.shape[:-1])
+    if weights is not None:
+        per_token = per_token * weights.to(per_token.dtype)
+    return masked_mean(per_token, mask)

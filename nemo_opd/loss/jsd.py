@@ -15,6 +15,7 @@ from nemo_opd.loss.vocab_parallel import (
     check_chunk_tokens,
     check_logits,
     check_temperature,
+    check_weights,
     compute_dtype,
     default_chunk_tokens,
     row_chunks,
@@ -52,7 +53,8 @@ def divergence_chunk(zs: torch.Tensor, zt: torch.Tensor, divergence: Divergence,
 
 class _ChunkedDivergence(torch.autograd.Function):
     """Per-token divergence ``[N]`` (``mean=False``) or its mean over the valid rows (``mean=True``,
-    0-d); the gradient is computed chunk by chunk during forward.
+    0-d; with ``weights [N]``, ``Σ w·D / count``); the gradient is computed chunk by chunk during
+    forward.
 
     Memory: the only full-size buffer is the gradient ``[N, V_local]`` in the *input* dtype
     (1x the logits), filled chunk by chunk; compute-dtype temporaries exist for one chunk at a
@@ -64,7 +66,8 @@ class _ChunkedDivergence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, divergence: Divergence,
                 inv_temperature: float, rows: torch.Tensor | None, shard: VocabShard,
-                chunk_tokens: int, mean: bool, grad_enabled: bool) -> torch.Tensor:
+                chunk_tokens: int, mean: bool, grad_enabled: bool,
+                weights: torch.Tensor | None) -> torch.Tensor:
         n = student.shape[0]
         dtype = compute_dtype(student.dtype)
         per_token = torch.zeros(n, dtype=dtype, device=student.device)
@@ -82,9 +85,13 @@ class _ChunkedDivergence(torch.autograd.Function):
                                              inv_temperature, shard, ws, grad_factor)
             chunk.put(per_token, loss)
             if g is not None:
+                if weights is not None:  # a constant per token: scales its gradient row
+                    g.mul_(chunk.take(weights).unsqueeze(-1))
                 chunk.put(grad, g)
         ctx.grad, ctx.rows, ctx.chunk_tokens, ctx.used = grad, rows, chunk_tokens, False
-        return per_token.sum() * factor if mean else per_token
+        if not mean:
+            return per_token
+        return (per_token if weights is None else per_token * weights).sum() * factor
 
     @staticmethod
     @once_differentiable
@@ -98,14 +105,14 @@ class _ChunkedDivergence(torch.autograd.Function):
         if grad_output.dim() == 0:
             if grad_output.item() != 1.0:
                 grad.mul_(grad_output.item())  # one rounding: computed in float, then stored
-            return (grad,) + (None,) * 8
+            return (grad,) + (None,) * 9
         dtype = compute_dtype(grad.dtype)
         # Per-token factors: scale row chunks in the compute dtype (one rounding to the input
         # dtype, and several times faster on CPU than a mixed-dtype broadcast over the buffer).
         for chunk in row_chunks(grad.shape[0], ctx.rows, ctx.chunk_tokens):
             rows = chunk.take(grad).to(dtype)
             chunk.put(grad, rows.mul_(chunk.take(grad_output).to(dtype).unsqueeze(-1)))
-        return (grad,) + (None,) * 8
+        return (grad,) + (None,) * 9
 
 
 def _prepare(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float,
@@ -148,7 +155,7 @@ def per_token_generalized_jsd(
     """
     args = _prepare(student_logits, teacher_logits, beta, temperature, mask, tp_group,
                     chunk_tokens, continuous)
-    return _ChunkedDivergence.apply(*args, False, torch.is_grad_enabled()).reshape(
+    return _ChunkedDivergence.apply(*args, False, torch.is_grad_enabled(), None).reshape(
         student_logits.shape[:-1])
 
 
@@ -172,6 +179,7 @@ def generalized_jsd(
     tp_group: dist.ProcessGroup | None = None,
     chunk_tokens: int | None = None,
     continuous: bool = False,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""Generalized Jensen-Shannon divergence between student and teacher, vocab-parallel.
 
@@ -203,12 +211,16 @@ def generalized_jsd(
         chunk_tokens: tokens per chunk (default: a cache-sized chunk on CPU, ~2²⁵ elements on
             CUDA).
         continuous: divide the interior JSD by ``β (1 − β)`` (see above).
+        weights: ``[...]`` constant per-token weights ``w_t ≥ 0`` (e.g.
+            :func:`~nemo_opd.loss.importance_weights`), replicated over TP, or None (all 1).
+            They multiply each token's divergence and its gradient; the denominator stays the
+            number of valid tokens (a weight-0 token still counts in it).
 
     Returns:
-        A 0-d tensor in the compute dtype: the sum of per-token divergences over valid tokens
-        divided by the number of valid tokens on this rank (tokens are replicated over TP, so
-        every TP rank returns the same value; 0 when no token is valid). Not averaged over data
-        parallel ranks.
+        A 0-d tensor in the compute dtype: ``Σ_valid w_t D_t / N_valid``, the (weighted) sum of
+        per-token divergences over valid tokens divided by the number of valid tokens on this
+        rank (tokens are replicated over TP, so every TP rank returns the same value; 0 when no
+        token is valid). Not averaged over data parallel ranks.
 
     Memory: ``[tokens, V/tp]`` is never materialised in float32; the gradient (input dtype, 1x
     the logits) is computed during forward chunk by chunk, so backward runs once per forward.
@@ -219,4 +231,7 @@ def generalized_jsd(
     """
     args = _prepare(student_logits, teacher_logits, beta, temperature, mask, tp_group,
                     chunk_tokens, continuous)
-    return _ChunkedDivergence.apply(*args, True, torch.is_grad_enabled())
+    check_weights(weights, student_logits.shape[:-1])
+    flat_weights = (None if weights is None
+                    else weights.reshape(-1).to(compute_dtype(student_logits.dtype)))
+    return _ChunkedDivergence.apply(*args, True, torch.is_grad_enabled(), flat_weights)

@@ -27,6 +27,7 @@ from nemo_opd.loss.vocab_parallel import (
     check_chunk_tokens,
     check_logits,
     check_temperature,
+    check_weights,
     compute_dtype,
     default_chunk_tokens,
     row_chunks,
@@ -171,6 +172,7 @@ def topk_generalized_jsd(
     tp_group: dist.ProcessGroup | None = None,
     chunk_tokens: int | None = None,
     continuous: bool = False,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Generalized JSD over the teacher's top-k buckets plus one tail bucket.
 
@@ -184,15 +186,20 @@ def topk_generalized_jsd(
     Args:
         student_logits: ``[..., V/tp]`` this rank's vocabulary shard; any float dtype.
         teacher: from :func:`teacher_topk` (leading shape ``[...]``), at the same temperature.
-        beta, temperature, mask, tp_group, chunk_tokens, continuous: as in
-            :func:`~nemo_opd.loss.generalized_jsd`.
+        beta, temperature, mask, tp_group, chunk_tokens, continuous, weights: as in
+            :func:`~nemo_opd.loss.generalized_jsd` (``weights`` multiply each token's divergence
+            and its gradient; the denominator stays the number of valid tokens).
 
     Returns:
-        0-d float32 tensor: sum over valid tokens / number of valid tokens (0 if none), the same
-        on every TP rank. Memory: the student's ``[..., V/tp]`` gradient (input dtype) is
-        recomputed chunk by chunk in backward; nothing full-size is kept from forward.
+        0-d float32 tensor: ``Σ_valid w_t D_t / N_valid`` (``w_t = 1`` without weights; 0 if no
+        token is valid), the same on every TP rank. Memory: the student's ``[..., V/tp]``
+        gradient (input dtype) is recomputed chunk by chunk in backward; nothing full-size is
+        kept from forward.
     """
+    check_weights(weights, student_logits.shape[:-1])
     per_token = per_token_topk_generalized_jsd(
         student_logits, teacher, beta=beta, temperature=temperature, mask=mask,
         tp_group=tp_group, chunk_tokens=chunk_tokens, continuous=continuous)
+    if weights is not None:  # masked tokens are 0 already; finite weights keep them 0
+        per_token = per_token * weights.to(per_token.dtype)
     return masked_mean(per_token, mask)

@@ -25,6 +25,7 @@ __all__ = [
     "check_chunk_tokens",
     "check_logits",
     "check_temperature",
+    "check_weights",
     "compute_dtype",
     "default_chunk_tokens",
     "row_chunks",
@@ -61,6 +62,25 @@ def check_chunk_tokens(chunk_tokens: int | None) -> None:
 def check_temperature(temperature: float) -> None:
     if not isinstance(temperature, (int, float)) or not 0.0 < float(temperature) < float("inf"):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+
+
+def check_weights(weights: torch.Tensor | None, lead: torch.Size, name: str = "weights"
+                  ) -> None:
+    """Per-token loss weights: None, or a constant, finite, non-negative float tensor of shape
+    ``lead`` (replicated over TP like the tokens)."""
+    if weights is None:
+        return
+    if not isinstance(weights, torch.Tensor) or not weights.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor or None, got "
+                         f"{getattr(weights, 'dtype', type(weights).__name__)}")
+    if tuple(weights.shape) != tuple(lead):
+        raise ValueError(f"{name} shape {tuple(weights.shape)} must equal the tokens' shape "
+                         f"{tuple(lead)}")
+    if weights.requires_grad:
+        raise ValueError(f"{name} must be constants (detach them): no gradient flows through "
+                         "a loss weight")
+    if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
+        raise ValueError(f"{name} must be finite and >= 0")
 
 
 @dataclasses.dataclass(frozen=True)

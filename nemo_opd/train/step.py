@@ -20,6 +20,21 @@ KL anchor adds ``γ · KL(student ‖ anchor)`` over the same tokens.
 Metrics (no grad, same tokens, loss temperature): forward KL(T‖S) and reverse KL(S‖T) — over
 the full vocabulary when the teacher's logits are on the student's layout, else over the
 teacher's top-k + tail buckets — and the teacher's NLL of the scored tokens at temperature 1.
+
+Importance correction (:class:`ImportanceCorrection`, ``RolloutConfig.importance``): rollout
+and replayed tokens were drawn from the engine's behaviour policy ``μ``, whose log-probs the
+batch carries. From the student logits of the loss forward (no second forward, no grad) the
+trainer's ``log πθ(x_t)`` is recomputed under the same distribution (``"sampling"``: the
+sampling temperature / top-k / top-p and the stop ids banned before ``min_new_tokens``;
+``"raw"``: the plain softmax), ``ρ_t = πθ(x_t)/μ(x_t)``, and each token's loss is weighted by
+``w_t`` (:func:`~nemo_opd.loss.importance_weights`: truncate ``min(ρ_t, cap)``, mask ``ρ_t``
+inside ``[1/cap, cap]`` else 0, none 1); the reductions keep their denominators. The sampled
+loss takes ``w_t`` by source: fresh rollouts ``w_t · PPO(exp(ℓ_t − sg ℓ_t))`` (PPO against the
+student that sampled them, the current one: value 1), replayed ones ``PPO(exp(ℓ_t − sg ℓ_t) ·
+w_t)`` (an older student sampled them, so the corrected ratio to ``μ`` is the PPO ratio; with
+"none" the uncorrected ``ρ_t``, as staleness must still be corrected). Without clipping both are
+``w_t · (−A_t)`` per token. Dataset tokens get weight 1; the KL anchor and the metrics are not
+weighted.
 """
 
 from __future__ import annotations
@@ -34,23 +49,28 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from nemo_opd.config import DistillConfig
+from nemo_opd.config import DistillConfig, RolloutConfig
 from nemo_opd.data.batch import SequenceBatch
 from nemo_opd.loss import (
     TeacherTopK,
     generalized_jsd,
+    importance_stats,
+    importance_weights,
     sampled_token_reverse_kl,
+    sampling_logprobs,
     teacher_topk,
     topk_generalized_jsd,
     vocab_parallel_logprobs,
 )
+from nemo_opd.loss.importance import IMPORTANCE_CORRECTIONS, LOGPROB_KINDS
 from nemo_opd.models.pipeline import forward_backward, forward_logits, last_stage_rank
+from nemo_opd.rollout.engine import SamplingParams
 from nemo_opd.runtime import runtime_device
 from nemo_opd.strategies import TeacherContext
 from nemo_opd.train.divergence import DivergenceError
 
-__all__ = ["ScoringModels", "ScoreResult", "NonFiniteLossError", "TeacherTopKCache", "score_batch",
-           "stop_if_nonfinite"]
+__all__ = ["ImportanceCorrection", "ScoringModels", "ScoreResult", "NonFiniteLossError",
+           "TeacherTopKCache", "score_batch", "stop_if_nonfinite"]
 
 
 class NonFiniteLossError(DivergenceError):
@@ -94,6 +114,64 @@ class ScoreResult:
     teacher_seconds: float
     student_seconds: float
     teacher_cache_hit: bool = False
+    importance_kl: float = math.nan
+    """Mean over the batch's rollout tokens of ``log μ − log πθ`` (engine vs trainer, same
+    kind): an estimate of ``KL(μ‖πθ)``. The importance fields are NaN for dataset batches and
+    when no correction ran (:func:`~nemo_opd.loss.importance_stats`)."""
+    importance_ratio_min: float = math.nan
+    """Min / mean / max over the rollout tokens of ``ρ = πθ(x_t) / μ(x_t)``."""
+    importance_ratio_mean: float = math.nan
+    importance_ratio_max: float = math.nan
+    importance_masked_fraction: float = math.nan
+    """Fraction of rollout tokens whose importance weight is 0 (dropped)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ImportanceCorrection:
+    """How :func:`score_batch` weights rollout tokens for an engine whose numerics differ from
+    the trainer's (see the module docstring), and the sampling distribution the engine's
+    ``"sampling"`` log-probs are under."""
+
+    mode: str = "truncate"
+    """``RolloutConfig.importance``: "truncate", "mask" or "none"."""
+    cap: float = 2.0
+    """``RolloutConfig.importance_cap`` (> 1)."""
+    temperature: float = 1.0
+    """Sampling temperature (> 0; greedy rollouts record raw log-probs)."""
+    top_k: int = 0
+    top_p: float = 1.0
+    min_new_tokens: int = 0
+    """Stop ids are banned from the sampling distribution while fewer response tokens than
+    this were written (response position ``t − prompt_length < min_new_tokens``)."""
+    stop_ids: tuple[int, ...] = ()
+    """The sampling config's stop ids and the engine's EOS."""
+    kind: str = "sampling"
+    """The log-prob kind the engine records (:data:`~nemo_opd.rollout.LogprobKind`), assumed for
+    batches that do not carry one (replayed rows stored by an older version)."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in IMPORTANCE_CORRECTIONS:
+            raise ValueError(f"ImportanceCorrection.mode must be one of "
+                             f"{IMPORTANCE_CORRECTIONS}, got {self.mode!r}")
+        if not isinstance(self.cap, (int, float)) or not 1 < self.cap < math.inf:
+            raise ValueError(f"ImportanceCorrection.cap must be a finite number > 1, got "
+                             f"{self.cap!r}")
+        if self.kind not in LOGPROB_KINDS:
+            raise ValueError(f"ImportanceCorrection.kind must be one of {LOGPROB_KINDS}, got "
+                             f"{self.kind!r}")
+
+    @classmethod
+    def from_config(cls, rollout: RolloutConfig, sampling: SamplingParams,
+                    eos_id: int | None) -> ImportanceCorrection:
+        """From the run's ``rollout`` and ``sampling`` sections and the EOS id the engines stop
+        at (what the engines' :func:`~nemo_opd.rollout.sample_tokens` did)."""
+        greedy = sampling.greedy
+        return cls(mode=rollout.importance, cap=float(rollout.importance_cap),
+                   temperature=1.0 if greedy else float(sampling.temperature),
+                   top_k=sampling.top_k, top_p=float(sampling.top_p),
+                   min_new_tokens=sampling.min_new_tokens,
+                   stop_ids=tuple(sorted(set(sampling.stop_token_ids) | ({eos_id} - {None}))),
+                   kind="raw" if greedy else sampling.logprobs)
 
 
 class TeacherTopKCache:
@@ -232,16 +310,69 @@ def _teacher_side(models: ScoringModels, tokens: torch.Tensor, mask: torch.Tenso
     return (t_logits if models.same_layout else None), top, own_rows.get("lp"), teacher_nll
 
 
+def _importance_inputs(batch: SequenceBatch, cfg: DistillConfig,
+                       importance: ImportanceCorrection | None) -> dict | None:
+    """What the importance correction of ``batch`` needs besides the logits, or None when it
+    does not run (no correction configured, dataset tokens, or "none" where the loss needs no
+    ratio). Raises ``ValueError`` when it must run and the engine recorded no log-probs."""
+    if importance is None or batch.source == "dataset":
+        return None
+    replayed_sampled = cfg.loss == "sampled" and batch.source == "replay"
+    if importance.mode == "none" and not replayed_sampled:
+        return None
+    if batch.rollout_logprobs is None:
+        need = (f"rollout.importance={importance.mode!r}" if importance.mode != "none"
+                else 'the "sampled" loss on replayed rollouts (its PPO ratio)')
+        raise ValueError(f"{batch.source} batch carries no engine log-probs "
+                         f"(SequenceBatch.rollout_logprobs is None) but {need} needs them: use "
+                         "an engine that records per-token log-probs"
+                         + (", or set rollout.importance='none'" if importance.mode != "none"
+                            else ""))
+    kind = batch.rollout_logprob_kind or importance.kind
+    positions = torch.arange(1, batch.tokens.shape[1])[None, :] - batch.prompt_lengths[:, None]
+    banned = (positions < importance.min_new_tokens
+              if kind == "sampling" and importance.min_new_tokens and importance.stop_ids
+              else None)
+    return {"kind": kind, "behaviour": batch.rollout_logprobs[:, 1:], "banned": banned}
+
+
+def _importance(importance: ImportanceCorrection, inputs: dict, s_logits: torch.Tensor,
+                targets: torch.Tensor, mask: torch.Tensor, tp_group: dist.ProcessGroup | None
+                ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """``(weights w, ratio ρ, stats)`` ``[B, T-1]`` of the scored tokens (1 off the mask)."""
+    device = s_logits.device
+    banned = inputs["banned"]
+    with torch.no_grad():
+        logp = sampling_logprobs(
+            s_logits.detach(), targets, kind=inputs["kind"], temperature=importance.temperature,
+            top_k=importance.top_k, top_p=importance.top_p, banned_ids=importance.stop_ids,
+            banned=None if banned is None else banned.to(device), mask=mask, tp_group=tp_group)
+        behaviour = inputs["behaviour"].to(device=device, dtype=logp.dtype)
+        weights = importance_weights(logp, behaviour, correction=importance.mode,
+                                     cap=importance.cap, mask=mask)
+        stats = importance_stats(logp, behaviour, weights, mask)
+        ratio = torch.where(mask, torch.exp(logp - behaviour), torch.ones_like(logp))
+        ratio = ratio.clamp(max=torch.finfo(ratio.dtype).max)  # finite: a PPO ratio value
+    return weights, ratio, stats
+
+
 def score_batch(models: ScoringModels, batch: SequenceBatch, cfg: DistillConfig, *,
                 loss_scale: float, anchor_weight: float = 0.0,
-                cache: TeacherTopKCache | None = None) -> ScoreResult:
+                cache: TeacherTopKCache | None = None,
+                importance: ImportanceCorrection | None = None) -> ScoreResult:
     """Score ``batch``, backpropagate ``loss · loss_scale`` into the student, return metrics.
+
+    ``importance`` corrects rollout and replayed tokens for the engine's numerics (module
+    docstring); None turns the correction off (replayed rollouts of the "sampled" loss then
+    take the engine's log-probs as PPO behaviour log-probs directly, at the loss temperature).
 
     With pipeline parallelism the teacher's and student's logits exist on the last stage only:
     the loss is computed there inside megatron's schedule, and its metrics are broadcast to the
     other stages. Raises :class:`NonFiniteLossError` (on every rank alike) when the loss is
-    NaN/inf; the gradients of that batch are then never applied.
+    NaN/inf; the gradients of that batch are then never applied. Raises ``ValueError`` (before
+    any model runs) when ``importance`` needs engine log-probs the batch does not carry.
     """
+    correction = _importance_inputs(batch, cfg, importance)
     # Batches are built on the host; the models may live on a GPU.
     device = next(models.student.parameters()).device
     tokens = batch.tokens.to(device)
@@ -269,17 +400,30 @@ def score_batch(models: ScoringModels, batch: SequenceBatch, cfg: DistillConfig,
 
     def loss_fn(logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         s_logits = logits[:, :-1]
+        weights = ratio = None
+        stats = dict.fromkeys(_IMPORTANCE_METRICS, math.nan)
+        if correction is not None:
+            weights, ratio, stats = _importance(importance, correction, s_logits, targets, mask,
+                                                s_group)
+        # "none" computes the ratio only for the sampled loss's replayed rollouts.
+        applied = weights if importance is not None and importance.mode != "none" else None
         if cfg.loss == "full":
             loss = generalized_jsd(s_logits, t_logits, beta=cfg.beta, continuous=cfg.continuous,
-                                   **common)
+                                   weights=applied, **common)
         elif cfg.loss == "topk":
             loss = topk_generalized_jsd(s_logits, top, beta=cfg.beta, continuous=cfg.continuous,
-                                        **common)
+                                        weights=applied, **common)
+        elif batch.source == "replay" and correction is not None:
+            # An older student sampled these: the (corrected) ratio to μ is the PPO ratio.
+            loss = sampled_token_reverse_kl(
+                s_logits, targets, teacher_lp, None, clip_ratio=cfg.clip_ratio or None,
+                behaviour_ratio=ratio if applied is None else applied, **common).loss
         else:
-            behaviour = (batch.rollout_logprobs[:, 1:].to(device) if batch.source == "replay"
-                         else None)
+            behaviour = (batch.rollout_logprobs[:, 1:].to(device)
+                         if batch.source == "replay" and importance is None else None)
             loss = sampled_token_reverse_kl(s_logits, targets, teacher_lp, behaviour,
-                                            clip_ratio=cfg.clip_ratio or None, **common).loss
+                                            clip_ratio=cfg.clip_ratio or None, weights=applied,
+                                            **common).loss
         total, anchor_kl = loss, 0.0
         if anchor_logits is not None:
             anchor = generalized_jsd(s_logits, anchor_logits[:, :-1], beta=1.0, mask=mask,
@@ -296,7 +440,8 @@ def score_batch(models: ScoringModels, batch: SequenceBatch, cfg: DistillConfig,
                             for b in (0.0, 1.0))
         metrics = {"loss": float(loss.detach()), "total": float(total.detach()),
                    "forward_kl": float(fkl), "reverse_kl": float(rkl), "anchor_kl": anchor_kl,
-                   "teacher_nll": teacher_nll}
+                   "teacher_nll": teacher_nll,
+                   **{f"importance_{k}": v for k, v in stats.items()}}
         return total * loss_scale, metrics
 
     started = time.perf_counter()
@@ -305,7 +450,9 @@ def score_batch(models: ScoringModels, batch: SequenceBatch, cfg: DistillConfig,
     stop_if_nonfinite(metrics["total"], f"{batch.source} batch loss")
     return ScoreResult(metrics["loss"], metrics["forward_kl"], metrics["reverse_kl"],
                        metrics["teacher_nll"], metrics["anchor_kl"], int(mask.sum()),
-                       teacher_seconds, student_seconds, teacher_cache_hit=cached is not None)
+                       teacher_seconds, student_seconds, teacher_cache_hit=cached is not None,
+                       **{f"importance_{k}": metrics[f"importance_{k}"]
+                          for k in _IMPORTANCE_METRICS})
 
 
 def _on_all(flag: bool, *groups: dist.ProcessGroup | None) -> bool:
@@ -319,7 +466,11 @@ def _on_all(flag: bool, *groups: dist.ProcessGroup | None) -> bool:
     return bool(value.item())
 
 
-_METRICS = ("loss", "total", "forward_kl", "reverse_kl", "anchor_kl", "teacher_nll")
+_IMPORTANCE_METRICS = ("kl", "ratio_min", "ratio_mean", "ratio_max", "masked_fraction")
+"""The keys of :func:`~nemo_opd.loss.importance_stats` (``ScoreResult.importance_*``)."""
+
+_METRICS = ("loss", "total", "forward_kl", "reverse_kl", "anchor_kl", "teacher_nll",
+            *(f"importance_{k}" for k in _IMPORTANCE_METRICS))
 
 
 def _from_last_stage(model: torch.nn.Module, metrics: dict[str, float] | None
