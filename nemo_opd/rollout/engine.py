@@ -25,6 +25,17 @@ own forward computes. TensorRT-LLM and vLLM backends (a later issue) fit the sam
   vLLM and TensorRT-LLM return by default).
 
 Row order: rows are grouped by prompt, ``row = prompt_index * n + sample_index``.
+
+Optional engine attributes (not part of the protocol, so any object with ``generate`` and
+``update_weights`` stays an engine; read them through :func:`engine_returns_logprobs` and
+:func:`engine_logprob_kinds`, absent means the colocated engine's answer):
+
+* ``returns_logprobs: bool`` — False for an engine whose :attr:`RolloutBatch.logprobs` are not
+  the behaviour policy's (all zeros), which a loss needing them must refuse before the first step;
+* ``logprob_kinds: tuple[LogprobKind, ...]`` — the kinds it can record (vLLM and TensorRT-LLM:
+  one, chosen when the engine is built);
+* ``vocab_size: int`` and ``tokenizer`` — checked against the student's before training
+  (:func:`nemo_opd.rollout.factory.check_engine`).
 """
 
 
@@ -33,7 +44,8 @@ from typing import Literal, Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["LogprobKind", "RolloutBatch", "RolloutEngine", "SamplingParams"]
+__all__ = ["LogprobKind", "RolloutBatch", "RolloutEngine", "SamplingParams",
+           "engine_logprob_kinds", "engine_returns_logprobs"]
 
 LogprobKind = Literal["sampling", "raw"]
 """``"sampling"``: log-prob under the distribution the token was drawn from (logits / T, then
@@ -216,3 +228,17 @@ class RolloutEngine(Protocol):
     def update_weights(self, model: torch.nn.Module) -> None:
         """Make the next ``generate`` use ``model``'s current weights (no-op when colocated)."""
         ...
+
+
+def engine_returns_logprobs(engine: object) -> bool:
+    """Whether ``engine``'s batches carry the behaviour policy's log-probs (its
+    ``returns_logprobs`` attribute; True when absent, as for the colocated engine)."""
+    return bool(getattr(engine, "returns_logprobs", True))
+
+
+def engine_logprob_kinds(engine: object) -> tuple[LogprobKind, ...]:
+    """The :data:`LogprobKind` s ``engine`` can record (its ``logprob_kinds`` attribute; both
+    when absent, as for the colocated engine); empty when it returns no log-probs."""
+    if not engine_returns_logprobs(engine):
+        return ()
+    return tuple(getattr(engine, "logprob_kinds", _LOGPROB_KINDS))

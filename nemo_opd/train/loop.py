@@ -21,6 +21,7 @@ so a resumed run produces the same losses as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -36,7 +37,7 @@ from megatron.core import parallel_state
 from nemo_opd.config import RunConfig
 from nemo_opd.data import EpochBatches, Example, ReplayBuffer, SequenceBatch, step_rng
 from nemo_opd.rollout.engine import RolloutBatch, RolloutEngine
-from nemo_opd.rollout.megatron_engine import MegatronEngine
+from nemo_opd.rollout.factory import check_engine, check_rollout_setup, make_engine
 from nemo_opd.rollout.teacher_seeded import TeacherSeededRollouts
 from nemo_opd.runtime import distributed_runtime, runtime_device, seed_all
 from nemo_opd.strategies import PlanPart, StepPlan, Strategy, TeacherContext, build_strategy
@@ -46,6 +47,7 @@ from nemo_opd.train.divergence import DivergenceError, DivergenceGuard
 from nemo_opd.train.metrics import MetricsLogger
 from nemo_opd.train.optim import build_optimizer, data_parallel_group
 from nemo_opd.train.step import (
+    ImportanceCorrection,
     NonFiniteLossError,
     ScoreResult,
     ScoringModels,
@@ -88,8 +90,10 @@ class Trainer:
 
     Args:
         cfg: the run.
-        engine_factory: ``factory(model, tp_group) -> RolloutEngine``; default
-            :class:`~nemo_opd.rollout.megatron_engine.MegatronEngine` on the model itself.
+        engine_factory: ``factory(model, tp_group) -> RolloutEngine`` for the student and, with
+            teacher-seeded rollouts, the teacher; default: the engine ``cfg.rollout.engine``
+            names for the student (:func:`~nemo_opd.rollout.make_engine`) and the colocated
+            megatron engine for the teacher.
         eval_hook: see :data:`EvalHook`.
     """
 
@@ -110,6 +114,7 @@ class Trainer:
         self.examples, self.encoder = setup.load_examples(cfg, self.tokenizer)
         sample_texts = [self.tokenizer.decode(e.prompt_ids) for e in self.examples[:8]]
         setup.check_models(cfg, dist.get_world_size(), self.tokenizer, sample_texts)
+        check_rollout_setup(cfg)
         self.pad_id = (self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
                        else self.tokenizer.eos_token_id)
         self.eos_id = self.tokenizer.eos_token_id
@@ -162,10 +167,14 @@ class Trainer:
         self.cache = (TeacherTopKCache(cfg.distill.teacher_cache_dir, cfg.distill.topk,
                                        cfg.distill.temperature)
                       if cfg.distill.teacher_cache_dir else None)
-        factory = engine_factory or (lambda model, group: MegatronEngine(
-            model, pad_id=self.pad_id, eos_id=self.eos_id, tp_group=group))
-        self._engine_factory = factory
+        ids = dict(pad_id=self.pad_id, eos_id=self.eos_id)
+        self._engine_factory = engine_factory or functools.partial(make_engine, cfg, **ids)
+        self._teacher_engine_factory = engine_factory or functools.partial(
+            make_engine, cfg, role="teacher", **ids)
         self._engine: RolloutEngine | None = None
+        self.importance = ImportanceCorrection.from_config(cfg.rollout, cfg.sampling, self.eos_id)
+        if cfg.needs_rollouts:  # built now: an engine that cannot serve fails before step 0
+            check_engine(self._engine_for_student(), student, self.tokenizer, cfg)
         self._seeded: TeacherSeededRollouts | None = None
         self._rollout_stats: list[tuple[int, float, float, float]] = []
         """Per rollout call of the current step: (generated tokens, seconds, mean response
@@ -191,8 +200,8 @@ class Trainer:
             return self._engine_for_student().generate(prompts, params)
         if self._seeded is None:
             strategy = self.cfg.distill.strategy
-            teacher_engine = self._engine_factory(self.models.teacher,
-                                                  self.models.teacher_tp_group)
+            teacher_engine = self._teacher_engine_factory(self.models.teacher,
+                                                          self.models.teacher_tp_group)
             self._seeded = TeacherSeededRollouts(
                 self._engine_for_student(), teacher_engine, self.strategy.prefix_schedule,
                 loss_tokens="all" if strategy.seed_prefix_loss else "student")
@@ -277,7 +286,8 @@ class Trainer:
                     with self.optim.grad_sync((micro, index) == last):
                         result = score_batch(self.models, batch, cfg.distill,
                                              loss_scale=part.weight / accumulation * grad_scale,
-                                             anchor_weight=plan.anchor_weight, cache=self.cache)
+                                             anchor_weight=plan.anchor_weight, cache=self.cache,
+                                             importance=self.importance)
                 except NonFiniteLossError as err:
                     raise self._stopped(step, err, f"micro batch {micro}") from None
                 results.append((part, result))
@@ -308,6 +318,10 @@ class Trainer:
             values = [getattr(r, attr) for _, r in results if not math.isnan(getattr(r, attr))]
             return sum(values) / len(values) if values else math.nan
 
+        def extreme(attr: str, pick: Callable[[list[float]], float]) -> float:
+            values = [getattr(r, attr) for _, r in results if not math.isnan(getattr(r, attr))]
+            return pick(values) if values else math.nan
+
         generated = sum(s[0] for s in self._rollout_stats)
         rollout_seconds = sum(s[1] for s in self._rollout_stats)
         metrics = {
@@ -328,18 +342,28 @@ class Trainer:
             "time_optimizer_s": optim_seconds, "step_seconds": seconds,
             "lr": lr, "grad_norm": grad_norm,
             "teacher_cache_hits": sum(r.teacher_cache_hit for _, r in results),
+            # Engine vs trainer on the step's rollout tokens (NaN, logged as None, without any).
+            "importance_kl": mean("importance_kl"),
+            "importance_ratio_min": extreme("importance_ratio_min", min),
+            "importance_ratio_mean": mean("importance_ratio_mean"),
+            "importance_ratio_max": extreme("importance_ratio_max", max),
+            "importance_masked_fraction": mean("importance_masked_fraction"),
         }
         self._average_over_data_parallel(metrics)
         return {k: (None if isinstance(v, float) and math.isnan(v) else v)
                 for k, v in metrics.items()}
 
-    _DP_MEAN = ("loss", "forward_kl", "reverse_kl", "teacher_nll", "anchor_kl")
+    _DP_MEAN = ("loss", "forward_kl", "reverse_kl", "teacher_nll", "anchor_kl", "importance_kl",
+                "importance_ratio_mean", "importance_masked_fraction")
     _DP_SUM = ("loss_tokens",)
+    _DP_EXTREMES = (("importance_ratio_min", dist.ReduceOp.MIN),
+                    ("importance_ratio_max", dist.ReduceOp.MAX))
 
     def _average_over_data_parallel(self, metrics: dict[str, Any]) -> None:
         """Report the step's loss and divergences over the whole global batch: means over the
         data-parallel ranks (each rank's value is already identical over TP), token counts
-        summed. Timings stay this rank's."""
+        summed, importance ratio extremes taken over all ranks (every DP rank plans the same
+        sources, so a metric is NaN on all ranks or on none). Timings stay this rank's."""
         if self.dp_group is None or dist.get_world_size(self.dp_group) == 1:
             return
         keys = self._DP_MEAN + self._DP_SUM
@@ -349,6 +373,11 @@ class Trainer:
         size = dist.get_world_size(self.dp_group)
         for key, value in zip(keys, values.tolist(), strict=True):
             metrics[key] = value / size if key in self._DP_MEAN else int(value)
+        for key, op in self._DP_EXTREMES:
+            value = torch.tensor([float(metrics[key])], dtype=torch.float64,
+                                 device=runtime_device())
+            dist.all_reduce(value, op=op, group=self.dp_group)
+            metrics[key] = float(value.item())
 
     def _stopped(self, step: int, err: DivergenceError, where: str = "") -> DivergenceError:
         """``err`` (same class) with the step, its place and the checkpoint to resume from."""
