@@ -46,7 +46,7 @@ KNOWN_WARNINGS: tuple[str, ...] = (
 """Message regexes of the third-party warnings :func:`filter_known_warnings` hides."""
 
 THIRD_PARTY_LOGGERS = ("lm_eval", "megatron", "modelopt", "datasets", "transformers",
-                       "torch.distributed", "nemo_run")
+                       "torch.distributed", "nemo_run", "matplotlib")
 """Loggers kept at WARNING by :func:`configure_console` (INFO with ``--verbose``)."""
 
 _VERBOSE_ENV = "NEMO_OPD_VERBOSE"
