@@ -17,13 +17,17 @@ Methods:
 
 * ``hf_generate``: ``AutoModelForCausalLM.generate(use_cache=True)``;
 * ``megatron_engine``: :class:`~nemo_opd.rollout.MegatronEngine` (megatron's static KV cache);
+* ``hf_engine``: :class:`~nemo_opd.rollout.HFEngine` refit from the fp32 student (the external
+  engine that runs here: HF's model, the megatron engine's decoding loop and sampler);
 * ``megatron_no_cache``: the same engine recomputing the whole sequence every step;
 * ``megatron_<format>``: the engine on the fake-quant student (weights quantized once per call);
 * ``megatron_<format>_per_token``: the same with ModelOpt's quantizers run in every forward
   (what the engine did before quantize-once);
 
 each once greedy and once sampling (temperature 1, top-k 50, top-p 0.9). The ``match`` column
-says whether greedy tokens equal HF's (fp32 methods) or the per-token quantized engine's.
+says whether greedy tokens equal HF's (fp32 methods) or the per-token quantized engine's. A last
+line gives the HF engine's refit (``update_weights``) time from the fake-quant student, the cost
+it adds to every optimizer step.
 """
 
 from __future__ import annotations
@@ -75,7 +79,7 @@ def main() -> None:
     from nemo_opd.models import load_hf_gpt
     from nemo_opd.models.tiny import TinyModelSpec, make_tiny_hf_model
     from nemo_opd.quant.student import quantize_student
-    from nemo_opd.rollout import MegatronEngine, SamplingParams
+    from nemo_opd.rollout import HFEngine, MegatronEngine, SamplingParams
     from nemo_opd.runtime import distributed_runtime
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
@@ -99,6 +103,7 @@ def main() -> None:
         engines = {"megatron_engine": MegatronEngine(gpt, pad_id=pad, eos_id=eos),
                    "megatron_no_cache": MegatronEngine(gpt, pad_id=pad, eos_id=eos,
                                                        use_kv_cache=False),
+                   "hf_engine": HFEngine(gpt, model_dir, pad_id=pad, eos_id=eos),
                    f"megatron_{args.format}": MegatronEngine(quantized, pad_id=pad, eos_id=eos)}
         modes = {"greedy": dict(temperature=0.0),
                  "sampled": dict(temperature=1.0, top_k=50, top_p=0.9, seed=0)}
@@ -142,6 +147,12 @@ def main() -> None:
                 rows.append((mode, name, fastest, median,
                              args.batch * args.new_tokens / median, hf_median / median,
                              fp32_median / median, match))
+        refit = HFEngine(quantized, model_dir, pad_id=pad, eos_id=eos)
+        refit_times = []
+        for _ in range(max(args.repeats, 3)):
+            started = time.perf_counter()
+            refit.update_weights(quantized)
+            refit_times.append(time.perf_counter() - started)
 
     print(f"\nrollout generation, {device}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} thread(s), {platform.processor() or platform.machine()}")
@@ -155,6 +166,8 @@ def main() -> None:
         same = "" if match is None else ("yes" if match else "no")
         print(f"| {mode} | `{name}` | {fastest:.3f} | {median:.3f} | {rate:.1f} | {vs_hf:.2f}x "
               f"| {vs_fp32:.2f}x | {same} |")
+    print(f"\nHF engine refit from the {args.format} student (update_weights): min "
+          f"{min(refit_times) * 1e3:.1f} ms, median {statistics.median(refit_times) * 1e3:.1f} ms")
 
 
 @contextlib.contextmanager
