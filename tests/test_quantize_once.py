@@ -67,6 +67,7 @@ def _checks(model_dir: str, fmt: str, lora: bool, tp: int) -> dict:
         once = engine.generate(PROMPTS, PARAMS)
         with weights_quantized_once(model) as count:
             nested = engine.generate(PROMPTS, PARAMS)  # already quantized: nothing more to do
+            plain_inside = _plain_linears(model)
         after = _forward_and_grads(model)
         return {
             "count": count,
@@ -80,7 +81,18 @@ def _checks(model_dir: str, fmt: str, lora: bool, tp: int) -> dict:
             "grads_equal": before[1].keys() == after[1].keys()
             and all(torch.equal(before[1][k], after[1][k]) for k in before[1]),
             "lora_grads": sum("lora" in k for k in after[1]),
+            "plain_inside": plain_inside,
+            "plain_after": _plain_linears(model),
+            "linears": sum(hasattr(m, "weight_quantizer") for m in model.modules()),
         }
+
+
+def _plain_linears(model) -> int:
+    """Linears with a weight quantizer that currently run as their original megatron class."""
+    from modelopt.torch.opt.dynamic import DynamicModule
+
+    return sum(hasattr(m, "weight_quantizer") and not isinstance(m, DynamicModule)
+               for m in model.modules())
 
 
 @pytest.mark.parametrize("fmt", ["int4", "mxfp4", "nvfp4", "fp8"])
@@ -91,6 +103,31 @@ def test_rollouts_bit_identical_tp1(tiny_quant_model_dir, fmt, lora):
     assert out["tokens_equal"] and out["logprobs_equal"]
     assert out["quantizers_back"] and out["logits_equal"] and out["grads_equal"]
     assert (out["lora_grads"] > 0) is lora
+    # Inside the block, weight-only formats without LoRA run every linear as its plain megatron
+    # class; NVFP4 and FP8 quantize activations and LoRA adds adapters, so the quantized linears
+    # keep ModelOpt's classes (only the unquantized output layer runs plain). Never after.
+    weight_only = fmt in ("int4", "mxfp4") and not lora
+    expected = out["linears"] if weight_only else out["linears"] - out["weight_quantizers"]
+    assert out["plain_inside"] == expected, out
+    assert out["plain_after"] == 0
+
+
+def test_quantizers_that_still_compute_keep_the_quantized_class(tiny_quant_model_dir):
+    """A disabled input quantizer with an AWQ pre_quant_scale still scales its input: such a
+    linear must not run as its plain class."""
+    from nemo_opd.models import load_hf_gpt
+    from nemo_opd.quant.student import _plain_class, quantize_student
+    from nemo_opd.runtime import distributed_runtime
+
+    with distributed_runtime():
+        model = load_hf_gpt(tiny_quant_model_dir)
+        quantize_student(model, "int4")
+        linear = model.decoder.layers[0].mlp.linear_fc2
+        assert not linear.input_quantizer.is_enabled
+        linear.weight_quantizer.disable()
+        assert _plain_class(linear) is not None  # everything passes through
+        linear.input_quantizer.pre_quant_scale = torch.ones(linear.weight.shape[1])
+        assert _plain_class(linear) is None
 
 
 @pytest.mark.multirank

@@ -118,15 +118,24 @@ def weights_quantized_once(model: torch.nn.Module) -> Iterator[int]:
     every token. Here each enabled weight quantizer is called once on its parameter, its output
     stands in for the parameter's data, and the quantizer is disabled (a disabled
     ``TensorQuantizer`` passes its input through): the forwards compute the same tensors, bit
-    for bit. On exit every parameter gets its own data back and
-    every quantizer is enabled again. Input/output (activation) quantizers are untouched.
+    for bit. Input/output (activation) quantizers are untouched.
 
-    Cost: one extra copy of the quantized weights while the block runs. Models without weight
-    quantizers pass through unchanged (0).
+    A quantized module whose quantizers are then all disabled (weight-only formats) and that
+    holds no LoRA adapter computes exactly what its original class computes, so for the block it
+    runs *as* that class (``DynamicModule.get_original_cls_by_level(0)``, what ModelOpt's own
+    ``export`` converts to for good): ModelOpt's per-forward dispatch (dynamic attribute lookups,
+    the replaced linear functional, pass-through quantizer calls) costs more than the matmuls of
+    a decoding step. Modules with an enabled activation quantizer or LoRA adapters keep their
+    quantized class.
+
+    On exit every module gets its class back, every parameter its own data and every quantizer
+    is enabled again. Cost: one extra copy of the quantized weights while the block runs. Models
+    without weight quantizers pass through unchanged (0).
     """
     from modelopt.torch.quantization.nn import TensorQuantizer
 
     swapped: list[tuple[torch.nn.Parameter, torch.Tensor, TensorQuantizer]] = []
+    classes: list[tuple[torch.nn.Module, type]] = []
     try:
         with torch.no_grad():
             for module in model.modules():
@@ -140,8 +149,38 @@ def weights_quantized_once(model: torch.nn.Module) -> Iterator[int]:
                 swapped.append((parameter, parameter.data, quantizer))
                 parameter.data = quantized
                 quantizer.disable()
+            for module in model.modules():
+                plain = _plain_class(module)
+                if plain is not None:
+                    classes.append((module, type(module)))
+                    module.__class__ = plain
         yield len(swapped)
     finally:
+        for module, cls in classes:
+            module.__class__ = cls
         for parameter, data, quantizer in swapped:
             parameter.data = data
             quantizer.enable()
+
+
+def _plain_class(module: torch.nn.Module) -> type | None:
+    """The original (non-ModelOpt) class ``module`` computes the same as right now, or None:
+    a quantized module without LoRA adapters all of whose quantizers (nested ones too, e.g. a
+    ``SequentialQuantizer``'s) pass their input through unchanged."""
+    from modelopt.torch.opt.dynamic import DynamicModule
+    from modelopt.torch.quantization.nn import TensorQuantizer
+    from modelopt.torch.quantization.nn.modules.quant_module import QuantModule
+
+    if not isinstance(module, QuantModule) or getattr(module, "_lora_adapters", None):
+        return None
+    if any(isinstance(q, TensorQuantizer) and not _passes_through(q) for q in module.modules()):
+        return None
+    plain = module.get_original_cls_by_level(0)
+    return None if issubclass(plain, DynamicModule) else plain
+
+
+def _passes_through(quantizer: Any) -> bool:
+    """A disabled ``TensorQuantizer`` still applies an AWQ/SmoothQuant ``pre_quant_scale`` and
+    rotations in its forward; only one with neither returns its input as it is."""
+    return (not quantizer.is_enabled and quantizer.pre_quant_scale is None
+            and not quantizer.rotate_is_enabled and not quantizer.rotate_back_is_enabled)
