@@ -1,0 +1,158 @@
+"""Tabulate a reproduction grid: per-cell estimates over seeds, a verdict per claim.
+
+Each run of :func:`~nemo_opd.experiments.findings.plan_runs` wrote the recipe's
+``results.json``; :func:`collect` reads the student's score (the megatron fake-quant row's
+average) and its PTQ gap recovered from each, :func:`judge` turns them into
+:class:`~nemo_opd.experiments.stats.Estimate` s and verdicts, and :func:`write_reproduction`
+writes ``results.json``, ``results.md`` and ``results.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from nemo_opd.experiments.findings import FINDINGS, MARGIN, Claim, Finding, RunSpec
+from nemo_opd.experiments.stats import (
+    Estimate,
+    difference,
+    judge_at_least,
+    judge_at_most,
+    judge_difference,
+    mean_interval,
+)
+
+__all__ = ["collect", "judge", "write_reproduction"]
+
+Scores = dict[str, dict[str, dict[str, list[float]]]]
+"""finding → cell → metric → per-seed values."""
+
+
+def _student_row(path: Path) -> dict[str, Any]:
+    data = json.loads(path.read_text())
+    rows = [r for r in data["table"]["rows"]
+            if r["role"] == "student" and r["numerics"].startswith("megatron")]
+    if len(rows) != 1:
+        raise ValueError(f"{path}: expected one trained-student row, found {len(rows)}")
+    return rows[0]
+
+
+def collect(runs: Sequence[RunSpec]) -> tuple[Scores, list[str]]:
+    """Per-seed scores of the finished runs, and the names of the runs without results."""
+    scores: Scores = {}
+    missing = []
+    for spec in runs:
+        path = Path(spec.output_dir) / "results.json"
+        if not path.is_file():
+            missing.append(spec.name)
+            continue
+        row = _student_row(path)
+        cell = scores.setdefault(spec.finding, {}).setdefault(
+            spec.cell, {"score": [], "gap_recovered": []})
+        cell["score"].append(float(row["average"]))
+        gap = row.get("gap_recovered")
+        cell["gap_recovered"].append(math.nan if gap is None else float(gap))
+    return scores, missing
+
+
+def _estimate(values: list[float]) -> Estimate | None:
+    finite = [v for v in values if math.isfinite(v)]
+    return mean_interval(finite) if finite else None
+
+
+def _judge_claim(claim: Claim, cells: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
+    out: dict[str, Any] = {"key": claim.key, "text": claim.text, "rule": claim.rule,
+                           "cells": list(claim.cells)}
+    if any(c not in cells for c in claim.cells):
+        return {**out, "verdict": "not run", "estimate": None}
+    if claim.rule == "difference":
+        a, b = (cells[c][claim.metric] for c in claim.cells)
+        est = difference(a, b)
+        verdict = judge_difference(est, claim.direction, MARGIN)
+        out["claim"] = f"{claim.a} − {claim.b}: {claim.direction}"
+    else:
+        est = _estimate(cells[claim.a][claim.metric])
+        if est is None:
+            return {**out, "verdict": "inconclusive", "estimate": None}
+        judge = judge_at_least if claim.rule == "at_least" else judge_at_most
+        verdict = judge(est, claim.level)
+        out["claim"] = f"{claim.metric} {'≥' if claim.rule == 'at_least' else '≤'} {claim.level:g}"
+    return {**out, "verdict": verdict, "estimate": est.__dict__, "text_estimate": est.text()}
+
+
+def judge(scores: Scores) -> dict[str, Any]:
+    """``{finding: {"cells": {cell: {metric: estimate}}, "claims": [...]}}``."""
+    report: dict[str, Any] = {}
+    for name, cells in scores.items():
+        finding: Finding = FINDINGS[name]
+        estimates = {cell: {metric: (None if (e := _estimate(v)) is None else e.__dict__)
+                            for metric, v in metrics.items()}
+                     for cell, metrics in cells.items()}
+        report[name] = {"seeds": finding.seeds, "summary": finding.summary,
+                        "cells": estimates,
+                        "labels": {c: finding.cell(c).label for c in cells},
+                        "claims": [_judge_claim(c, cells) for c in finding.claims]}
+    return report
+
+
+def _markdown(report: dict[str, Any], header: str) -> str:
+    lines = [header, ""]
+    for name, finding in report.items():
+        lines += [f"## {name} (seeds {finding['seeds']})", "", finding["summary"], "",
+                  "| cell | score | PTQ gap recovered |", "|---|---|---|"]
+        for cell, metrics in finding["cells"].items():
+            texts = [("–" if m is None else Estimate(**m).text()) for m in
+                     (metrics["score"], metrics["gap_recovered"])]
+            lines.append(f"| {finding['labels'][cell]} | {texts[0]} | {texts[1]} |")
+        lines += ["", "| claim | judged | estimate | verdict |", "|---|---|---|---|"]
+        for claim in finding["claims"]:
+            lines.append(f"| {claim['key']}: {claim['text']} | {claim.get('claim', '')} | "
+                         f"{claim.get('text_estimate', '–')} | **{claim['verdict']}** |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _figure(report: dict[str, Any], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    findings = list(report.items())
+    fig, axes = plt.subplots(len(findings), 1, figsize=(10, 3.6 * len(findings)), squeeze=False)
+    for ax, (name, finding) in zip(axes[:, 0], findings, strict=True):
+        cells = list(finding["cells"])
+        means, errs = [], []
+        for cell in cells:
+            est = finding["cells"][cell]["score"]
+            means.append(est["mean"])
+            errs.append(0.0 if math.isnan(est["low"]) else (est["high"] - est["low"]) / 2)
+        ax.bar(range(len(cells)), means, yerr=errs, capsize=3, color="tab:blue")
+        for i, (mean, est) in enumerate(zip(means, (finding["cells"][c]["score"] for c in cells),
+                                            strict=True)):
+            ax.text(i, mean, f"{mean:.3f}\nn={est['n']}", ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(range(len(cells)), [finding["labels"][c] for c in cells], rotation=30,
+                      ha="right", fontsize=8)
+        low = min(m - e for m, e in zip(means, errs, strict=True))
+        ax.set_ylim(max(0.0, low - 0.05), min(1.0, max(means) + 0.08))
+        ax.set_ylabel("score (mean ± 95 % CI)")
+        ax.set_title(f"{name} (seeds {finding['seeds']})", fontsize=10)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_reproduction(report: dict[str, Any], out_dir: str | Path, *, header: str,
+                       title: str) -> list[Path]:
+    """``results.json`` / ``.md`` / ``.png`` in ``out_dir``; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "results.json", out / "results.md", out / "results.png"]
+    paths[0].write_text(json.dumps(report, indent=1, allow_nan=True))
+    paths[1].write_text(_markdown(report, header))
+    _figure(report, paths[2], title)
+    return paths

@@ -1,0 +1,145 @@
+"""Reproduce the seed findings in miniature: a grid of recipe runs, several seeds, one verdict per
+claim (protocol and results: docs/reproduction.md).
+
+    nemo run recipes/reproduce_seeds.py                      # quick: the harness, 1 seed, ~3 min
+    nemo run recipes/reproduce_seeds.py --factory full       # the protocol: 3 seeds, <= 60 min
+    nemo run recipes/reproduce_seeds.py --factory full --dryrun   # one line per run
+    nemo run recipes/reproduce_seeds.py report_only=true     # tabulate finished runs only
+
+Every run is ``python recipes/onpolicy_qat.py --factory tiny <cell overrides> optim.steps=N
+seed=K output_dir=<output_root>/<finding>/<cell>/seed<K>``, launched as a ``run.Script`` of a
+NeMo-Run Experiment on ``run.executor`` (default: this machine, one run after the other). Runs
+whose ``results.json`` exists are not run again, so an interrupted grid resumes. The first run
+is timed alone and the whole grid's time estimated from it; an estimate over the preset's
+budget is reported before the rest starts. The findings and their claims are data
+(:mod:`nemo_opd.experiments.findings`); the statistics and verdict rules are
+:mod:`nemo_opd.experiments.stats`; the table and figure go to
+``<output_root>/results.{json,md,png}``.
+"""
+
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import nemo_run as run
+
+from nemo_opd.experiments.findings import PRESETS, RunSpec, check_finding_names, plan_runs
+from nemo_opd.launch import executors  # noqa: F401  (registers run.executor=local|slurm|docker)
+from nemo_opd.launch.recipe import apply_overrides, built_arguments, recipe_main, resolve_preset
+
+RECIPE = Path(__file__).with_name("onpolicy_qat.py")
+
+logger = logging.getLogger("reproduce_seeds")
+
+
+def _launch(runs: list[RunSpec], executor: run.Executor, entrypoint: str, path: str,
+            title: str) -> None:
+    with run.Experiment(title, executor=executor) as experiment:
+        for spec in runs:
+            experiment.add(run.Script(path=path, args=list(spec.args), entrypoint=entrypoint),
+                           executor=executor.clone(), name=spec.name)
+        experiment.run(sequential=True)
+
+
+def reproduce_seeds(
+    ctx: run.cli.RunContext,
+    preset: str = "quick",
+    findings: tuple[str, ...] = ("quantization",),
+    overrides: tuple[str, ...] = (),
+    output_root: str = "runs/reproduce",
+    report_only: bool = False,
+) -> None:
+    """Run every (finding, cell, seed) of ``preset`` that has no results yet, then judge the
+    claims and write ``<output_root>/results.{json,md,png}``.
+
+    Args:
+        preset: "quick" (the harness on a subset, 1 seed) or "full" (docs/reproduction.md).
+        findings: registered findings to run (nemo_opd.experiments.findings.FINDINGS).
+        overrides: extra recipe overrides for every run (e.g. ``[optim.micro_batch_size=16]``);
+            a result made with them is not the protocol's.
+        output_root: where runs and the table go (on a cluster: a shared absolute path).
+        report_only: skip the runs; tabulate the finished ones.
+    """
+    from nemo_opd.experiments.report import collect, judge, write_reproduction
+
+    settings = PRESETS[preset]
+    executor = ctx.executor or run.LocalExecutor()
+    local = isinstance(executor, run.LocalExecutor)
+    if local:  # local runs start in NeMo-Run's job directory, not here
+        output_root = str(Path(output_root).resolve())
+    runs = plan_runs(findings, settings, output_root, overrides)
+    entrypoint = sys.executable if local else "python"
+    path = str(RECIPE) if local else f"recipes/{RECIPE.name}"
+    todo = [r for r in runs if not (Path(r.output_dir) / "results.json").is_file()]
+    for spec in runs:
+        state = "to run" if spec in todo else "done"
+        print(f"{spec.name} [{state}]: {entrypoint} {path} {' '.join(spec.args)}")
+    if ctx.dryrun:
+        return
+    if todo and not report_only:
+        started = time.perf_counter()
+        _launch(todo[:1], executor, entrypoint, path, "reproduce_seeds_probe")
+        per_run = time.perf_counter() - started
+        estimate = per_run * len(todo) / 60
+        print(f"first run: {per_run:.0f} s; the grid ({len(todo)} runs) needs ~{estimate:.0f} "
+              f"min (budget of '{preset}': {settings.budget_minutes:g} min)")
+        if estimate > settings.budget_minutes:
+            print(f"WARNING: the grid does not fit the '{preset}' budget: ~{estimate:.0f} min > "
+                  f"{settings.budget_minutes:g} min; lower the steps uniformly (and say so in "
+                  "docs/reproduction.md) or run fewer findings")
+        if todo[1:]:
+            _launch(todo[1:], executor, entrypoint, path, "reproduce_seeds")
+    scores, missing = collect(runs)
+    if missing:
+        print(f"{len(missing)} run(s) have no results yet: {', '.join(missing[:5])}"
+              f"{' ...' if len(missing) > 5 else ''}")
+    report = judge(scores)
+    extra = f", overrides {' '.join(overrides)}" if overrides else ""
+    header = (f"# Seed reproduction, preset '{preset}' ({len(settings.seeds)} seed(s), "
+              f"{settings.steps} steps per run{extra})")
+    paths = write_reproduction(report, output_root, header=header,
+                               title=f"seed reproduction ({preset})")
+    print(paths[1].read_text())
+    print("results: " + ", ".join(map(str, paths)))
+
+
+def _factory(preset: str) -> Any:
+    def factory() -> run.Partial:
+        return run.Partial(reproduce_seeds, preset=preset)
+
+    factory.__name__ = factory.__qualname__ = preset
+    factory.__doc__ = f"The '{preset}' preset of docs/reproduction.md."
+    return run.cli.factory(factory, target=reproduce_seeds)
+
+
+FACTORIES = {name: _factory(name) for name in PRESETS}
+
+
+def _load_recipe() -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("onpolicy_qat", RECIPE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def check(kwargs: dict[str, Any], executor: run.Executor | None) -> None:
+    """Before any run: a known preset and findings, and every run's arguments valid for the
+    recipe (override keys and values, ranks vs layout)."""
+    if kwargs["preset"] not in PRESETS:
+        raise ValueError(f"unknown preset {kwargs['preset']!r}; presets: {', '.join(PRESETS)}")
+    check_finding_names(kwargs["findings"])
+    recipe = _load_recipe()
+    for spec in plan_runs(kwargs["findings"], PRESETS[kwargs["preset"]], kwargs["output_root"],
+                          kwargs["overrides"]):
+        task = resolve_preset(recipe.onpolicy_qat, "tiny", recipe.tiny)
+        apply_overrides(task, list(spec.args[2:]))
+        recipe.check(built_arguments(task), executor)
+
+
+if __name__ == "__main__":
+    recipe_main(reproduce_seeds, default_preset=FACTORIES["quick"], check=check,
+                entrypoint_type="experiment")

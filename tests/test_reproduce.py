@@ -1,0 +1,120 @@
+"""The seed-reproduction harness: the grid each preset plans, the verdicts the report draws from
+per-seed results (synthetic results.json files through the real reader), the recipe's checks,
+and the quick preset end to end with fewer steps."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nemo_opd.experiments.findings import (
+    PRESETS,
+    Claim,
+    check_finding_names,
+    plan_runs,
+)
+from nemo_opd.experiments.report import collect, judge, write_reproduction
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_plans_of_the_presets():
+    quick = plan_runs(["quantization"], PRESETS["quick"], "/out")
+    assert [r.cell for r in quick] == ["int4_lambda0_beta1", "int4_lambda1_beta1"]
+    assert quick[0].args[:2] == ("--factory", "tiny")
+    assert {"optim.steps=10", "seed=0", "export.enabled=false", "quant.format=int4",
+            "distill.lmbda=0.0", "distill.beta=1.0"} <= set(quick[0].args)
+    assert quick[0].output_dir == "/out/quantization/int4_lambda0_beta1/seed0"
+    full = plan_runs(["quantization"], PRESETS["full"], "/out", ["optim.lr=1e-4"])
+    assert len(full) == 2 * 3 * 2 * 3  # formats x λ x β x seeds
+    assert len({r.name for r in full}) == len(full)
+    assert all(r.args[-1] == "optim.lr=1e-4" for r in full)
+
+
+def test_bad_names():
+    with pytest.raises(ValueError, match="did you mean 'quantization'"):
+        check_finding_names(["quantisation"])
+    with pytest.raises(ValueError, match="no finding given"):
+        check_finding_names([])
+    with pytest.raises(ValueError, match="compares two cells"):
+        Claim("x", "t", "difference", "a")
+
+
+def _write_run(spec, score: float, gap: float) -> None:
+    out = Path(spec.output_dir)
+    out.mkdir(parents=True)
+    rows = [{"role": "teacher", "numerics": "megatron fp32", "average": 0.996},
+            {"role": "student", "numerics": "megatron fake-quant int4 fp32", "average": score,
+             "gap_recovered": gap},
+            {"role": "student", "numerics": "HF dequantised float32", "average": 0.1}]
+    (out / "results.json").write_text(json.dumps({"table": {"rows": rows}}))
+
+
+def test_verdicts_from_per_seed_results(tmp_path):
+    runs = plan_runs(["quantization"], PRESETS["full"], str(tmp_path))
+    # Synthetic per-seed scores: λ does not matter (1b holds), β=0 wins off-policy by ~0.05
+    # (1c at λ=0 holds), β makes no difference on-policy (1c at λ=1 does not), INT4 recovers
+    # 0.8-0.9 of its gap (1a holds); one run is missing.
+    jitter = {0: -0.002, 1: 0.0, 2: 0.002}
+    for spec in runs[:-1]:
+        lmbda = float(spec.cell.split("lambda")[1].split("_")[0])
+        beta = float(spec.cell.split("beta")[1])
+        score = 0.90 + (0.05 if (lmbda == 0 and beta == 0) else 0.0) + jitter[spec.seed]
+        _write_run(spec, score, 0.85 + jitter[spec.seed])
+    scores, missing = collect(runs)
+    assert missing == [runs[-1].name]
+    report = judge(scores)["quantization"]
+    verdicts = {c["key"]: c["verdict"] for c in report["claims"]}
+    assert verdicts["1a int4_lambda1_beta1"] == "reproduced"
+    assert verdicts["1b int4 β=1"] == "reproduced"
+    assert verdicts["1b int4 β=0"] == "not reproduced"  # β=0 at λ=0 is 0.05 above λ=1
+    assert verdicts["1c int4 λ=0"] == "reproduced"
+    assert verdicts["1c int4 λ=1"] == "not reproduced"  # no difference beyond the margin
+    # the missing run leaves its cell with two seeds: still judged
+    assert report["cells"][runs[-1].cell]["score"]["n"] == 2
+    paths = write_reproduction(judge(scores), tmp_path / "report", header="# t", title="t")
+    assert all(p.is_file() and p.stat().st_size > 0 for p in paths)
+    md = paths[1].read_text()
+    assert "| 1c int4 λ=0: off-policy: forward KL (β=0) beats reverse KL (β=1) |" in md
+    assert "0.950 ± 0.005 (n=3)" in md
+
+
+def _recipe(*args: str, timeout: int) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "recipes" / "reproduce_seeds.py"), *args],
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_recipe_refuses_bad_input_before_any_run(tmp_path):
+    done = _recipe("findings=[quantisation]", f"output_root={tmp_path}", timeout=300)
+    assert done.returncode != 0
+    assert "unknown finding 'quantisation' (did you mean 'quantization'?)" in done.stderr
+    done = _recipe("overrides=[optim.stepz=3]", f"output_root={tmp_path}", timeout=300)
+    assert done.returncode != 0 and "optim.stepz" in done.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_quick_preset_end_to_end(tmp_path):
+    """The quick grid with 3 steps per run: both runs, the probe's estimate, the table."""
+    done = _recipe("overrides=[optim.steps=3]", f"output_root={tmp_path}", timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "the grid (2 runs) needs" in done.stdout
+    report = json.loads((tmp_path / "results.json").read_text())["quantization"]
+    assert set(report["cells"]) == {"int4_lambda0_beta1", "int4_lambda1_beta1"}
+    for cell in report["cells"].values():
+        assert cell["score"]["n"] == 1 and 0 <= cell["score"]["mean"] <= 1
+    judged = [c for c in report["claims"] if c["verdict"] != "not run"]
+    assert judged and all(c["verdict"] == "inconclusive" for c in judged)  # one seed
+    steps = [json.loads(line)["step"] for line in
+             (tmp_path / "quantization/int4_lambda1_beta1/seed0/metrics.jsonl").read_text()
+             .splitlines() if '"step"' in line]
+    assert max(steps) == 3
+    # rerun: everything is done, nothing runs again
+    again = _recipe("overrides=[optim.steps=3]", f"output_root={tmp_path}", "--dryrun",
+                    timeout=300)
+    assert again.stdout.count("[done]") == 2
