@@ -1,4 +1,4 @@
-"""The seed reproduction's building blocks (``docs/reproduction.md``, ``recipes/reproduce_seeds.py``).
+"""The seed reproduction's building blocks (docs/reproduction.md, recipes/reproduce_seeds.py).
 
 * :mod:`nemo_opd.experiments.stats` — means and differences over seeds with 95 % intervals, and
   the verdict rules (reproduced / not reproduced / inconclusive) fixed before any run;
