@@ -35,7 +35,7 @@ class EngineUnavailable(ImportError):
 def check_prompts(prompts: Sequence[Sequence[int]],
                   forced_prefixes: Sequence[Sequence[int]] | None, *, vocab_size: int,
                   max_sequence_length: int) -> list[list[int]]:
-    """The megatron engine's input checks; returns the prefixes (empty lists when None).
+    """Every engine's input checks; returns the prefixes (empty lists when None).
 
     Raises:
         ValueError: no prompts, an empty prompt, a prefix count that differs from the prompts',

@@ -51,6 +51,7 @@ from megatron.core.inference.contexts.static_context import StaticInferenceConte
 
 from nemo_opd.quant.student import weights_quantized_once
 from nemo_opd.rollout.engine import LogprobKind, RolloutBatch, SamplingParams
+from nemo_opd.rollout.external import check_prompts
 from nemo_opd.rollout.sampling import sample_tokens
 
 __all__ = ["MegatronEngine"]
@@ -117,34 +118,6 @@ class MegatronEngine:
             self.model = model
 
     # ------------------------------------------------------------------ checks
-
-    def _check_inputs(self, prompts: list[list[int]],
-                      forced_prefixes: list[list[int]] | None) -> list[list[int]]:
-        """Raise ``ValueError`` for unusable inputs; return the prefixes (empty lists if None)."""
-        if not isinstance(prompts, (list, tuple)) or not prompts:
-            raise ValueError("generate needs a non-empty list of prompts (lists of token ids)")
-        if forced_prefixes is None:
-            forced_prefixes = [[] for _ in prompts]
-        elif len(forced_prefixes) != len(prompts):
-            raise ValueError(f"forced_prefixes has {len(forced_prefixes)} entries for "
-                             f"{len(prompts)} prompts")
-        for kind, seqs in (("prompt", prompts), ("forced prefix", forced_prefixes)):
-            for i, seq in enumerate(seqs):
-                if kind == "prompt" and len(seq) == 0:
-                    raise ValueError(f"prompt {i} is empty: a prompt needs at least one token "
-                                     "(e.g. BOS)")
-                bad = [t for t in seq if not isinstance(t, int) or not 0 <= t < self.vocab_size]
-                if bad:
-                    raise ValueError(f"{kind} {i} holds ids outside the vocabulary "
-                                     f"[0, {self.vocab_size}): {bad[:5]}")
-        for i, (prompt, prefix) in enumerate(zip(prompts, forced_prefixes, strict=True)):
-            if len(prompt) + len(prefix) >= self.max_sequence_length:
-                raise ValueError(
-                    f"prompt {i} has {len(prompt)} tokens (+ {len(prefix)} forced prefix tokens) "
-                    f"but the model allows {self.max_sequence_length} positions and one new token "
-                    "must fit; policy: prompts are never truncated — shorten the prompt or filter "
-                    "it out (data max_prompt_length)")
-        return [list(p) for p in forced_prefixes]
 
     def _agree_across_tp(self, prompts: list[list[int]], prefixes: list[list[int]] | None,
                          params: SamplingParams, device: torch.device) -> int:
@@ -280,7 +253,8 @@ class MegatronEngine:
         device = next(self.model.parameters()).device
         # Agree first: a rank whose inputs fail the checks must not leave the others waiting.
         seed = self._agree_across_tp(prompts, forced_prefixes, params, device)
-        prefixes = self._check_inputs(prompts, forced_prefixes)
+        prefixes = check_prompts(prompts, forced_prefixes, vocab_size=self.vocab_size,
+                                 max_sequence_length=self.max_sequence_length)
         stop_ids = sorted(set(params.stop_token_ids) | ({self.eos_id} - {None}))
         expanded = [(list(p), q) for p, q in zip(prompts, prefixes, strict=True)
                     for _ in range(params.n)]
