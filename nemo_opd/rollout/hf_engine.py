@@ -44,9 +44,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from nemo_opd.rollout.decode import RowDecoder
 from nemo_opd.rollout.engine import LogprobKind, RolloutBatch, SamplingParams
 from nemo_opd.rollout.external import check_prompts
-from nemo_opd.rollout.sampling import sample_tokens
 
 __all__ = ["HFEngine", "student_hf_tensors", "check_hf_tensors", "load_engine_tokenizer"]
 
@@ -392,56 +392,26 @@ class HFEngine:
         ``contexts`` (the megatron engine's loop, on an HF ``DynamicCache``)."""
         from transformers import DynamicCache
 
-        device = self.device
-        rows = len(contexts)
-        context_lengths = torch.tensor([len(c) for c in contexts], device=device)
-        budget = (self.max_sequence_length - context_lengths).clamp(max=params.max_new_tokens)
-        total = int((context_lengths + budget).max())
-        tokens = torch.full((rows, total), self.pad_id, dtype=torch.int64, device=device)
-        for r, context in enumerate(contexts):
-            tokens[r, :len(context)] = torch.tensor(context, dtype=torch.int64)
-        logprobs = torch.zeros(rows, total, dtype=torch.float32, device=device)
-        stop = torch.tensor(stop_ids, dtype=torch.int64, device=device)
-        stopped = prefix_stopped.clone()
-        done = stopped.clone()
-        written = torch.zeros(rows, dtype=torch.int64, device=device)
-        generator = torch.Generator(device=device).manual_seed(seed)
-        kind: LogprobKind = "raw" if params.greedy else params.logprobs
-
+        state = RowDecoder.start(contexts, prefix_stopped, params, stop_ids, seed,
+                                 pad_id=self.pad_id,
+                                 max_sequence_length=self.max_sequence_length, device=self.device)
         cache = DynamicCache(config=self.hf_model.config)
         # live = the rows still generating, ascending (the cache holds exactly these rows, in
         # this order) — the order in which the megatron engine draws them too.
-        live = torch.nonzero(~done).squeeze(1)
-        position = int(context_lengths.min())
+        live = torch.nonzero(~state.done).squeeze(1)
+        position = int(state.context_lengths.min())
         fed = 0
         while live.numel():
-            logits = self._next_logits(cache, tokens, live, fed, position)
+            logits = self._next_logits(cache, state.tokens, live, fed, position)
             fed = position
-            generating = context_lengths[live] <= position
-            if generating.any():
-                rows_now = live[generating]
-                banned = None
-                if params.min_new_tokens and stop.numel():
-                    early = (written[rows_now] < params.min_new_tokens)[:, None]
-                    banned = early & torch.isin(
-                        torch.arange(logits.shape[-1], device=device), stop)[None, :]
-                drawn = sample_tokens(logits[generating], params, banned=banned,
-                                      generator=generator)
-                tokens[rows_now, position] = drawn.tokens
-                logprobs[rows_now, position] = drawn.logprobs
-                written[rows_now] += 1
-                hit_stop = torch.isin(drawn.tokens, stop)
-                stopped[rows_now] = hit_stop
-                done[rows_now] = hit_stop | (written[rows_now] >= budget[rows_now])
+            state.step(logits, live, position, params)
             position += 1
-            keep = ~done[live]
+            keep = ~state.done[live]
             if not keep.all():
                 live = live[keep]
                 if live.numel():
                     cache.batch_select_indices(torch.nonzero(keep).squeeze(1))
-        lengths = context_lengths + written
-        width = int(lengths.max())
-        return tokens[:, :width], logprobs[:, :width], lengths, stopped, kind
+        return state.result()
 
     def generate(self, prompts: list[list[int]], params: SamplingParams,
                  forced_prefixes: list[list[int]] | None = None) -> RolloutBatch:

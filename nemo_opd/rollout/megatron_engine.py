@@ -50,9 +50,9 @@ import torch.distributed as dist
 from megatron.core.inference.contexts.static_context import StaticInferenceContext
 
 from nemo_opd.quant.student import weights_quantized_once
+from nemo_opd.rollout.decode import RowDecoder
 from nemo_opd.rollout.engine import LogprobKind, RolloutBatch, SamplingParams
 from nemo_opd.rollout.external import check_prompts
-from nemo_opd.rollout.sampling import sample_tokens
 
 __all__ = ["MegatronEngine"]
 
@@ -181,19 +181,10 @@ class MegatronEngine:
         identical ones (their prefill is shared); rows flagged in ``prefix_stopped`` (a forced
         prefix that ends with a stop id) are complete already."""
         rows, group = len(contexts), params.n
-        context_lengths = torch.tensor([len(c) for c in contexts], device=device)
-        budget = (self.max_sequence_length - context_lengths).clamp(max=params.max_new_tokens)
-        total = int((context_lengths + budget).max())
-        tokens = torch.full((rows, total), self.pad_id, dtype=torch.int64, device=device)
-        for r, context in enumerate(contexts):
-            tokens[r, :len(context)] = torch.tensor(context, dtype=torch.int64)
-        logprobs = torch.zeros(rows, total, dtype=torch.float32, device=device)
-        stop = torch.tensor(stop_ids, dtype=torch.int64, device=device)
-        stopped = prefix_stopped.clone()
-        done = stopped.clone()
-        written = torch.zeros(rows, dtype=torch.int64, device=device)
-        generator = torch.Generator(device=device).manual_seed(seed)
-        kind: LogprobKind = "raw" if params.greedy else params.logprobs
+        state = RowDecoder.start(contexts, prefix_stopped, params, stop_ids, seed,
+                                 pad_id=self.pad_id,
+                                 max_sequence_length=self.max_sequence_length, device=device)
+        done, total, tokens = state.done, state.total, state.tokens
 
         cache = (StaticInferenceContext(max_batch_size=rows, max_sequence_length=total)
                  if self.use_kv_cache else None)
@@ -201,7 +192,7 @@ class MegatronEngine:
         slots = torch.arange(rows, device=device)
         slots = torch.cat([slots[~done], slots[done]])
         active = int((~done).sum())
-        position = int(context_lengths.min())
+        position = int(state.context_lengths.min())
         fed = 0
         while active:
             if fed == 0 and cache is not None and group > 1:
@@ -210,22 +201,7 @@ class MegatronEngine:
                 logits = self._next_logits(cache, tokens, slots[:active], fed, position)
             fed = position
             live = slots[:active]
-            generating = context_lengths[live] <= position
-            if generating.any():
-                rows_now = live[generating]
-                banned = None
-                if params.min_new_tokens and stop.numel():
-                    early = (written[rows_now] < params.min_new_tokens)[:, None]
-                    banned = early & torch.isin(
-                        torch.arange(logits.shape[-1], device=device), stop)[None, :]
-                drawn = sample_tokens(logits[generating], params, banned=banned,
-                                      generator=generator)
-                tokens[rows_now, position] = drawn.tokens
-                logprobs[rows_now, position] = drawn.logprobs
-                written[rows_now] += 1
-                hit_stop = torch.isin(drawn.tokens, stop)
-                stopped[rows_now] = hit_stop
-                done[rows_now] = hit_stop | (written[rows_now] >= budget[rows_now])
+            state.step(logits, live, position, params)
             position += 1
             finished = done[live]
             if finished.any():
@@ -236,9 +212,7 @@ class MegatronEngine:
                     cache.swap_key_value_dict(order)
                 slots = slots[order]
                 active = int((~finished).sum())
-        lengths = context_lengths + written
-        width = int(lengths.max())
-        return tokens[:, :width], logprobs[:, :width], lengths, stopped, kind
+        return state.result()
 
     def generate(self, prompts: list[list[int]], params: SamplingParams,
                  forced_prefixes: list[list[int]] | None = None) -> RolloutBatch:

@@ -1,0 +1,95 @@
+"""The per-row decoding state the in-process engines (megatron, Hugging Face) share.
+
+Both engines run the same scheme: prefill to the shortest context, then one position per step;
+a row feeds its own context token while it lasts and samples once past it; a row ends on a stop
+id or when its budget (``max_new_tokens``, capped by the model's positions) is written. How the
+logits of a step are computed (KV cache, slots, shared prefill) is the engine's own; what happens
+to them is :meth:`RowDecoder.step`, so both engines draw the same tokens from the same logits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from nemo_opd.rollout.engine import LogprobKind, SamplingParams
+from nemo_opd.rollout.sampling import sample_tokens
+
+__all__ = ["RowDecoder"]
+
+
+@dataclasses.dataclass
+class RowDecoder:
+    """Tokens, log-probs and stop state of ``R`` rows being decoded (all ``[R]`` or ``[R, T]``)."""
+
+    context_lengths: torch.Tensor
+    budget: torch.Tensor
+    """New tokens each row may write."""
+    tokens: torch.Tensor
+    """``[R, T]`` contexts, then what is written; right padding ``pad_id``."""
+    logprobs: torch.Tensor
+    stop: torch.Tensor
+    stopped: torch.Tensor
+    done: torch.Tensor
+    written: torch.Tensor
+    generator: torch.Generator
+    kind: LogprobKind
+
+    @classmethod
+    def start(cls, contexts: list[list[int]], prefix_stopped: torch.Tensor,
+              params: SamplingParams, stop_ids: list[int], seed: int, *, pad_id: int,
+              max_sequence_length: int, device: torch.device) -> RowDecoder:
+        """Rows continuing ``contexts``; rows flagged in ``prefix_stopped`` (a forced prefix that
+        ends with a stop id) are complete already. Sampling draws from a generator seeded
+        ``seed``."""
+        rows = len(contexts)
+        context_lengths = torch.tensor([len(c) for c in contexts], device=device)
+        budget = (max_sequence_length - context_lengths).clamp(max=params.max_new_tokens)
+        total = int((context_lengths + budget).max())
+        tokens = torch.full((rows, total), pad_id, dtype=torch.int64, device=device)
+        for r, context in enumerate(contexts):
+            tokens[r, :len(context)] = torch.tensor(context, dtype=torch.int64)
+        stopped = prefix_stopped.clone()
+        return cls(context_lengths=context_lengths, budget=budget, tokens=tokens,
+                   logprobs=torch.zeros(rows, total, dtype=torch.float32, device=device),
+                   stop=torch.tensor(stop_ids, dtype=torch.int64, device=device),
+                   stopped=stopped, done=stopped.clone(),
+                   written=torch.zeros(rows, dtype=torch.int64, device=device),
+                   generator=torch.Generator(device=device).manual_seed(seed),
+                   kind="raw" if params.greedy else params.logprobs)
+
+    @property
+    def total(self) -> int:
+        """Positions per row (longest context + its budget)."""
+        return self.tokens.shape[1]
+
+    def step(self, logits: torch.Tensor, live: torch.Tensor, position: int,
+             params: SamplingParams) -> None:
+        """Consume ``logits`` ``[k, V]`` predicting ``position`` for rows ``live`` ``[k]`` (in
+        order): rows past their context sample a token there (stop ids banned while fewer than
+        ``min_new_tokens`` are written), others keep their context token."""
+        generating = self.context_lengths[live] <= position
+        if not generating.any():
+            return
+        rows = live[generating]
+        banned = None
+        if params.min_new_tokens and self.stop.numel():
+            early = (self.written[rows] < params.min_new_tokens)[:, None]
+            banned = early & torch.isin(torch.arange(logits.shape[-1], device=logits.device),
+                                        self.stop)[None, :]
+        drawn = sample_tokens(logits[generating], params, banned=banned, generator=self.generator)
+        self.tokens[rows, position] = drawn.tokens
+        self.logprobs[rows, position] = drawn.logprobs
+        self.written[rows] += 1
+        hit_stop = torch.isin(drawn.tokens, self.stop)
+        self.stopped[rows] = hit_stop
+        self.done[rows] = hit_stop | (self.written[rows] >= self.budget[rows])
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                              LogprobKind]:
+        """Tokens and log-probs cut to the longest row, lengths, stopped, the log-prob kind."""
+        lengths = self.context_lengths + self.written
+        width = int(lengths.max())
+        return (self.tokens[:, :width], self.logprobs[:, :width], lengths, self.stopped,
+                self.kind)
