@@ -21,7 +21,8 @@ import torch
 
 from nemo_opd.rollout.engine import LogprobKind, RolloutBatch, SamplingParams
 
-__all__ = ["Completion", "EngineUnavailable", "Request", "assemble_batch", "check_prompts",
+__all__ = ["Completion", "EngineUnavailable", "LibraryEngine", "Request", "assemble_batch",
+           "check_prompts",
            "completions_of", "expected_hf_shapes", "plan_requests", "request_seed",
            "sampled_logprobs"]
 
@@ -30,6 +31,34 @@ logger = logging.getLogger(__name__)
 
 class EngineUnavailable(ImportError):
     """The inference library an engine needs is not installed here."""
+
+
+class LibraryEngine:
+    """What the TensorRT-LLM and vLLM engines share: the served model's description (from the
+    student's HF directory: vocabulary, positions, tokenizer, the tensor shapes a refit must
+    fill), the ids and log-prob kind, and the student's TP group and device."""
+
+    def _describe(self, model: torch.nn.Module, hf_dir: Any, *, pad_id: int,
+                  eos_id: int | None, tp_group: Any, logprob_kind: LogprobKind,
+                  known_kinds: Sequence[str], max_sequence_length: int | None) -> None:
+        from transformers import AutoConfig
+
+        from nemo_opd.rollout.hf_engine import _unwrap, load_engine_tokenizer
+
+        if logprob_kind not in known_kinds:
+            raise ValueError(f"logprob_kind must be one of {tuple(known_kinds)}, got "
+                             f"{logprob_kind!r}")
+        gpt = _unwrap(model)
+        self.hf_dir = str(hf_dir)
+        config = AutoConfig.from_pretrained(self.hf_dir)
+        self.vocab_size: int = config.vocab_size
+        self.max_sequence_length = max_sequence_length or config.max_position_embeddings
+        self.pad_id, self.eos_id = pad_id, eos_id
+        self.logprob_kinds: tuple[LogprobKind, ...] = (logprob_kind,)
+        self.tp_group = tp_group if tp_group is not None else gpt.pg_collection.tp
+        self.device = next(gpt.parameters()).device
+        self._shapes = expected_hf_shapes(self.hf_dir)
+        self.tokenizer = load_engine_tokenizer(self.hf_dir)
 
 
 def check_prompts(prompts: Sequence[Sequence[int]],

@@ -47,16 +47,14 @@ from nemo_opd.rollout.engine import LogprobKind, RolloutBatch, SamplingParams
 from nemo_opd.rollout.external import (
     Completion,
     EngineUnavailable,
+    LibraryEngine,
     assemble_batch,
     check_prompts,
     completions_of,
-    expected_hf_shapes,
     plan_requests,
 )
 from nemo_opd.rollout.hf_engine import (
-    _unwrap,
     check_hf_tensors,
-    load_engine_tokenizer,
     student_hf_tensors,
 )
 
@@ -121,7 +119,7 @@ def ipc_payload(tensors: dict[str, torch.Tensor], device_uuid: str,
     return {device_uuid: base64.b64encode(pickle.dumps(handles)).decode("ascii")}
 
 
-class TensorRTLLMEngine:
+class TensorRTLLMEngine(LibraryEngine):
     """Rollouts from a TensorRT-LLM ``LLM`` refit from the student (see the module docstring).
 
     Args:
@@ -149,29 +147,16 @@ class TensorRTLLMEngine:
                  sampling_params_cls: Callable[..., Any] | None = None,
                  device_uuid: str | None = None,
                  reduce_tensor: Callable[[torch.Tensor], Any] | None = None) -> None:
-        from transformers import AutoConfig
-
-        if logprob_kind not in _LOGPROBS_MODE:
-            raise ValueError(f"logprob_kind must be one of {tuple(_LOGPROBS_MODE)}, got "
-                             f"{logprob_kind!r}")
-        gpt = _unwrap(model)
-        self.hf_dir = str(hf_dir)
-        config = AutoConfig.from_pretrained(self.hf_dir)
-        self.vocab_size: int = config.vocab_size
-        self.max_sequence_length = max_sequence_length or config.max_position_embeddings
-        self.pad_id, self.eos_id = pad_id, eos_id
-        self.logprob_kinds: tuple[LogprobKind, ...] = (logprob_kind,)
-        self.tp_group = tp_group if tp_group is not None else gpt.pg_collection.tp
-        self.device = next(gpt.parameters()).device
+        self._describe(model, hf_dir, pad_id=pad_id, eos_id=eos_id, tp_group=tp_group,
+                       logprob_kind=logprob_kind, known_kinds=tuple(_LOGPROBS_MODE),
+                       max_sequence_length=max_sequence_length)
         self.is_owner = self.tp_group is None or dist.get_rank(self.tp_group) == 0
-        self._shapes = expected_hf_shapes(self.hf_dir)
         llm_kwargs = dict(llm_kwargs or {})
         if llm_kwargs.get("tensor_parallel_size", 1) != 1:
             raise NotImplementedError("TensorRTLLMEngine runs one engine per TP group (engine "
                                       "tensor_parallel_size=1 on the group's first GPU)")
         self.llm, self._sampling_params_cls, self._device_uuid = None, sampling_params_cls, None
         self._reduce = reduce_tensor
-        self.tokenizer = load_engine_tokenizer(self.hf_dir)
         if self.is_owner:
             if llm is None or sampling_params_cls is None:
                 trtllm = import_tensorrt_llm()

@@ -47,16 +47,14 @@ from nemo_opd.rollout.engine import LogprobKind, RolloutBatch, SamplingParams
 from nemo_opd.rollout.external import (
     Completion,
     EngineUnavailable,
+    LibraryEngine,
     assemble_batch,
     check_prompts,
     completions_of,
-    expected_hf_shapes,
     plan_requests,
 )
 from nemo_opd.rollout.hf_engine import (
-    _unwrap,
     check_hf_tensors,
-    load_engine_tokenizer,
     student_hf_tensors,
 )
 
@@ -103,7 +101,7 @@ def load_weights_on_worker(worker: Any, weights: list[tuple[str, torch.Tensor]])
     return len(weights)
 
 
-class VLLMEngine:
+class VLLMEngine(LibraryEngine):
     """Rollouts from an in-process vLLM ``LLM`` refit from the student (module docstring).
 
     Args:
@@ -130,25 +128,12 @@ class VLLMEngine:
                  max_sequence_length: int | None = None,
                  llm_kwargs: dict[str, Any] | None = None, llm: Any = None,
                  sampling_params_cls: Callable[..., Any] | None = None) -> None:
-        from transformers import AutoConfig
-
-        if logprob_kind not in _LOGPROBS_MODE:
-            raise ValueError(f"logprob_kind must be one of {tuple(_LOGPROBS_MODE)}, got "
-                             f"{logprob_kind!r}")
         if sleep_level not in (0, 1, 2):
             raise ValueError(f"sleep_level must be 0, 1 or 2, got {sleep_level!r}")
-        gpt = _unwrap(model)
-        self.hf_dir = str(hf_dir)
-        config = AutoConfig.from_pretrained(self.hf_dir)
-        self.vocab_size: int = config.vocab_size
-        self.max_sequence_length = max_sequence_length or config.max_position_embeddings
-        self.pad_id, self.eos_id = pad_id, eos_id
-        self.logprob_kinds: tuple[LogprobKind, ...] = (logprob_kind,)
-        self.tp_group = tp_group if tp_group is not None else gpt.pg_collection.tp
-        self.device = next(gpt.parameters()).device
+        self._describe(model, hf_dir, pad_id=pad_id, eos_id=eos_id, tp_group=tp_group,
+                       logprob_kind=logprob_kind, known_kinds=tuple(_LOGPROBS_MODE),
+                       max_sequence_length=max_sequence_length)
         self.sleep_level = sleep_level
-        self._shapes = expected_hf_shapes(self.hf_dir)
-        self.tokenizer = load_engine_tokenizer(self.hf_dir)
         if llm is None or sampling_params_cls is None:
             vllm = import_vllm()
             sampling_params_cls = sampling_params_cls or vllm.SamplingParams
