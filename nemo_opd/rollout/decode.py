@@ -10,13 +10,14 @@ to them is :meth:`RowDecoder.step`, so both engines draw the same tokens from th
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import torch
 
-from nemo_opd.rollout.engine import LogprobKind, SamplingParams
+from nemo_opd.rollout.engine import LogprobKind, RolloutBatch, SamplingParams
 from nemo_opd.rollout.sampling import sample_tokens
 
-__all__ = ["RowDecoder"]
+__all__ = ["RowDecoder", "expand_rows", "rollout_batch"]
 
 
 @dataclasses.dataclass
@@ -93,3 +94,40 @@ class RowDecoder:
         width = int(lengths.max())
         return (self.tokens[:, :width], self.logprobs[:, :width], lengths, self.stopped,
                 self.kind)
+
+
+Rows = list[tuple[list[int], list[int]]]
+"""(prompt, forced prefix) per row, ``prompt_index * n + sample_index``."""
+
+
+def expand_rows(prompts: list[list[int]], prefixes: list[list[int]], params: SamplingParams,
+                eos_id: int | None, device: torch.device) -> tuple[Rows, list[int], torch.Tensor]:
+    """The rows of a call (``params.n`` per prompt), its stop ids (the call's and EOS) and which
+    rows are complete before any token is written (a forced prefix ending with a stop id)."""
+    stop_ids = sorted(set(params.stop_token_ids) | ({eos_id} - {None}))
+    rows = [(list(p), q) for p, q in zip(prompts, prefixes, strict=True) for _ in range(params.n)]
+    prefix_stopped = torch.tensor([bool(q) and q[-1] in stop_ids for _, q in rows],
+                                  device=device)
+    return rows, stop_ids, prefix_stopped
+
+
+def rollout_batch(rows: Rows, result: tuple, params: SamplingParams, *, pad_id: int,
+                  started: float, device: torch.device) -> RolloutBatch:
+    """The :class:`RolloutBatch` of decoded ``rows`` (:meth:`RowDecoder.result`), its loss mask
+    the generated tokens, timed from ``started`` (``time.perf_counter()``)."""
+    tokens, logprobs, lengths, stopped, kind = result
+    batch = RolloutBatch(
+        tokens=tokens,
+        prompt_lengths=torch.tensor([len(p) for p, _ in rows], device=device),
+        prefix_lengths=torch.tensor([len(q) for _, q in rows], device=device),
+        lengths=lengths,
+        logprobs=logprobs,
+        loss_mask=torch.zeros_like(tokens, dtype=torch.bool),
+        logprob_kind=kind,
+        stopped=stopped,
+        pad_id=pad_id,
+        generation_seconds=time.perf_counter() - started,
+        samples_per_prompt=params.n,
+    )
+    batch.loss_mask = batch.generated_mask()
+    return batch

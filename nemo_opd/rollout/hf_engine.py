@@ -44,7 +44,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from nemo_opd.rollout.decode import RowDecoder
+from nemo_opd.rollout.decode import RowDecoder, expand_rows, rollout_batch
 from nemo_opd.rollout.engine import LogprobKind, RolloutBatch, SamplingParams
 from nemo_opd.rollout.external import check_prompts
 
@@ -423,27 +423,12 @@ class HFEngine:
         seed = self._agree_across_tp(prompts, forced_prefixes, params)
         prefixes = check_prompts(prompts, forced_prefixes, vocab_size=self.vocab_size,
                                  max_sequence_length=self.max_sequence_length)
-        stop_ids = sorted(set(params.stop_token_ids) | ({self.eos_id} - {None}))
-        expanded = [(list(p), q) for p, q in zip(prompts, prefixes, strict=True)
-                    for _ in range(params.n)]
-        prefix_stopped = torch.tensor([bool(q) and q[-1] in stop_ids for _, q in expanded],
-                                      device=self.device)
-        tokens, logprobs, lengths, stopped, kind = self._generate_rows(
-            [p + q for p, q in expanded], prefix_stopped, params, stop_ids, seed)
-        batch = RolloutBatch(
-            tokens=tokens,
-            prompt_lengths=torch.tensor([len(p) for p, _ in expanded], device=self.device),
-            prefix_lengths=torch.tensor([len(q) for _, q in expanded], device=self.device),
-            lengths=lengths,
-            logprobs=logprobs,
-            loss_mask=torch.zeros_like(tokens, dtype=torch.bool),
-            logprob_kind=kind,
-            stopped=stopped,
-            pad_id=self.pad_id,
-            generation_seconds=time.perf_counter() - started,
-            samples_per_prompt=params.n,
-        )
-        batch.loss_mask = batch.generated_mask()
+        expanded, stop_ids, prefix_stopped = expand_rows(prompts, prefixes, params, self.eos_id,
+                                                         self.device)
+        result = self._generate_rows([p + q for p, q in expanded], prefix_stopped, params,
+                                     stop_ids, seed)
+        batch = rollout_batch(expanded, result, params, pad_id=self.pad_id, started=started,
+                              device=self.device)
         logger.debug("HF engine: %d tokens in %.3f s (%.1f tokens/s)", batch.num_generated_tokens,
                      batch.generation_seconds, batch.tokens_per_second)
         return batch

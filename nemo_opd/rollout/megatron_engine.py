@@ -50,7 +50,7 @@ import torch.distributed as dist
 from megatron.core.inference.contexts.static_context import StaticInferenceContext
 
 from nemo_opd.quant.student import weights_quantized_once
-from nemo_opd.rollout.decode import RowDecoder
+from nemo_opd.rollout.decode import RowDecoder, expand_rows, rollout_batch
 from nemo_opd.rollout.engine import LogprobKind, RolloutBatch, SamplingParams
 from nemo_opd.rollout.external import check_prompts
 
@@ -229,36 +229,21 @@ class MegatronEngine:
         seed = self._agree_across_tp(prompts, forced_prefixes, params, device)
         prefixes = check_prompts(prompts, forced_prefixes, vocab_size=self.vocab_size,
                                  max_sequence_length=self.max_sequence_length)
-        stop_ids = sorted(set(params.stop_token_ids) | ({self.eos_id} - {None}))
-        expanded = [(list(p), q) for p, q in zip(prompts, prefixes, strict=True)
-                    for _ in range(params.n)]
         # A forced prefix that already ends with a stop id leaves nothing to write.
-        prefix_stopped = torch.tensor([bool(q) and q[-1] in stop_ids for _, q in expanded],
-                                      device=device)
+        expanded, stop_ids, prefix_stopped = expand_rows(prompts, prefixes, params, self.eos_id,
+                                                         device)
         modes = [(module, module.training) for module in self.model.modules()]
         self.model.eval()
         try:
             # The weights are fixed for the whole call: quantize them once, not once per token.
             with weights_quantized_once(self.model):
-                tokens, logprobs, lengths, stopped, kind = self._generate_rows(
+                result = self._generate_rows(
                     [p + q for p, q in expanded], prefix_stopped, params, stop_ids, seed, device)
         finally:
             for module, training in modes:
                 module.training = training
-        batch = RolloutBatch(
-            tokens=tokens,
-            prompt_lengths=torch.tensor([len(p) for p, _ in expanded], device=device),
-            prefix_lengths=torch.tensor([len(q) for _, q in expanded], device=device),
-            lengths=lengths,
-            logprobs=logprobs,
-            loss_mask=torch.zeros_like(tokens, dtype=torch.bool),
-            logprob_kind=kind,
-            stopped=stopped,
-            pad_id=self.pad_id,
-            generation_seconds=time.perf_counter() - started,
-            samples_per_prompt=params.n,
-        )
-        batch.loss_mask = batch.generated_mask()
+        batch = rollout_batch(expanded, result, params, pad_id=self.pad_id, started=started,
+                              device=device)
         logger.debug("generated %d tokens in %.3f s (%.1f tokens/s)", batch.num_generated_tokens,
                      batch.generation_seconds, batch.tokens_per_second)
         return batch
