@@ -1,18 +1,24 @@
 """The demo's files, made once and cached: ``prepare_demo(workdir) -> DemoAssets``.
 
-Everything lives under ``workdir/demo-<key>/``, where ``key`` hashes the task and teacher configs
-with :data:`~nemo_opd.demo.task.TASK_VERSION` and :data:`~nemo_opd.demo.teacher.TRAINER_VERSION`:
-a change to any of them selects a new directory, so a stale cache is never used. A directory is
-complete only once its ``READY`` marker exists; it is built under a temporary name and renamed,
-so an interrupted build leaves nothing that looks finished.
+Everything lives under ``workdir/<task>-<key>/`` (``demo-`` for the built-in addition task,
+``chain-`` for :class:`~nemo_opd.demo.chain.ChainSumTask`), where ``key`` hashes the task and
+model configs with :data:`~nemo_opd.demo.task.TASK_VERSION` and
+:data:`~nemo_opd.demo.teacher.TRAINER_VERSION`: a change to any of them selects a new directory,
+so a stale cache is never used. A directory is complete only once its ``READY`` marker exists;
+it is built under a temporary name and renamed, so an interrupted build leaves nothing that
+looks finished.
 
-The teacher comes from, in order: the cache; the copy shipped in ``nemo_opd/demo/assets/teacher``
-when its recorded key matches (made by ``python -m nemo_opd.demo.teacher OUT --ship``, the same
-training code); otherwise it is trained here (minutes on a CPU, with progress logged).
+Each model (the teacher, and a separate student when one is configured) comes from, in order:
+the cache; the copy shipped in ``nemo_opd/demo/assets`` when its recorded key matches (made by
+``python -m nemo_opd.demo.teacher OUT --ship``, the same training code); otherwise it is trained
+here (minutes on a CPU, with progress logged).
 
-The student starts from the teacher's own weights (``student_dir == teacher_dir``): the demo is
-quantization-aware self-distillation (seed 003 §4), where the full-precision model teaches its
-own 4-bit copy, so every accuracy point the student lacks is one quantization took away.
+Without a student config the student starts from the teacher's own weights
+(``student_dir == teacher_dir``): the demo is quantization-aware self-distillation (seed 003
+§4), where the full-precision model teaches its own 4-bit copy, so every accuracy point the
+student lacks is one quantization took away. With one (size distillation, finding 2 of
+``docs/reproduction.md``) the student is a smaller model trained on the same data for fewer
+steps.
 """
 
 from __future__ import annotations
@@ -25,22 +31,21 @@ import os
 import shutil
 from pathlib import Path
 
-from nemo_opd.demo.task import (
-    TASK_VERSION,
-    AdditionTask,
-    choice_records,
-    generate_records,
-    train_records,
-    write_jsonl,
-)
+from nemo_opd.demo.chain import ChainSumTask
+from nemo_opd.demo.task import TASK_VERSION, AdditionTask, write_jsonl
 from nemo_opd.demo.teacher import TRAINER_VERSION, TeacherConfig, TeacherRun, train_teacher
 
-__all__ = ["DemoAssets", "SHIPPED_TEACHER", "cache_key", "prepare_demo", "record_teacher",
-           "ship_teacher"]
+__all__ = ["DemoAssets", "DemoTask", "SHIPPED_TEACHER", "cache_key", "demo_root", "prepare_demo",
+           "record_teacher", "ship_teacher", "shipped_model_dir"]
 
 logger = logging.getLogger(__name__)
 
-SHIPPED_TEACHER = Path(__file__).parent / "assets" / "teacher"
+DemoTask = AdditionTask | ChainSumTask
+"""The tasks the demo's cache builds: each gives ``train_records()`` and ``eval_records()``."""
+
+_SHIPPED = Path(__file__).parent / "assets"
+
+SHIPPED_TEACHER = _SHIPPED / "teacher"
 """The teacher trained by ``python -m nemo_opd.demo.teacher OUT --ship`` (weights in bf16)."""
 
 _KEY_FILE = "nemo_opd_demo.json"
@@ -52,69 +57,104 @@ class DemoAssets:
     """Paths of the demo's cached files."""
 
     root: Path
-    """The cache directory ``workdir/demo-<key>``."""
+    """The cache directory ``workdir/<task>-<key>``."""
     teacher_dir: Path
     """HF model directory of the teacher, tokenizer included."""
     student_dir: Path
-    """HF model directory the student is initialised from (the teacher's: self-distillation)."""
+    """HF model directory the student is initialised from (the teacher's without a student
+    config: self-distillation)."""
     train_file: Path
     """jsonl of ``{"prompt", "response"}`` training problems."""
     eval_tasks: dict[str, Path]
-    """Local eval task name → jsonl: ``arith_gen`` (``{"question", "answer"}``, exact match)
-    and ``arith_mc`` (``{"query", "choices", "gold"}``), both on held-out problems."""
-    task: AdditionTask
+    """Local eval task name → jsonl, on held-out problems: for the addition task ``arith_gen``
+    (``{"question", "answer"}``, exact match) and ``arith_mc`` (``{"query", "choices",
+    "gold"}``); for the chain task ``chain_gen``."""
+    task: DemoTask
     """The task the files were generated from."""
 
 
-def cache_key(task: AdditionTask, teacher: TeacherConfig) -> str:
-    """12 hex digits identifying what the configs and code versions produce."""
-    blob = json.dumps({"task_version": TASK_VERSION, "trainer_version": TRAINER_VERSION,
-                       "task": dataclasses.asdict(task), "teacher": dataclasses.asdict(teacher)},
-                      sort_keys=True)
+def _task_name(task: DemoTask) -> str:
+    return "demo" if isinstance(task, AdditionTask) else "chain"
+
+
+def cache_key(task: DemoTask, teacher: TeacherConfig, student: TeacherConfig | None = None
+              ) -> str:
+    """12 hex digits identifying what the configs and code versions produce (a model
+    directory's own key is ``cache_key(task, its config)``)."""
+    configs = {"task_version": TASK_VERSION, "trainer_version": TRAINER_VERSION,
+               "task": dataclasses.asdict(task), "teacher": dataclasses.asdict(teacher)}
+    if student is not None:
+        configs["student"] = dataclasses.asdict(student)
+    blob = json.dumps(configs, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def _assets(root: Path, task: AdditionTask) -> DemoAssets:
+def shipped_model_dir(task: DemoTask, role: str) -> Path:
+    """Where the copy of ``role`` ("teacher" or "student") shipped for ``task`` lives."""
+    return SHIPPED_TEACHER if isinstance(task, AdditionTask) else _SHIPPED / _task_name(task) / role
+
+
+def _assets(root: Path, task: DemoTask, separate_student: bool) -> DemoAssets:
     teacher = root / "teacher"
-    return DemoAssets(root=root, teacher_dir=teacher, student_dir=teacher,
+    return DemoAssets(root=root, teacher_dir=teacher,
+                      student_dir=root / "student" if separate_student else teacher,
                       train_file=root / "train.jsonl",
-                      eval_tasks={"arith_gen": root / "arith_gen.jsonl",
-                                  "arith_mc": root / "arith_mc.jsonl"},
+                      eval_tasks={name: root / f"{name}.jsonl" for name in task.eval_records()},
                       task=task)
 
 
-def _shipped_key() -> str | None:
-    meta = SHIPPED_TEACHER / _KEY_FILE
+def _recorded_key(model_dir: Path) -> str | None:
+    meta = model_dir / _KEY_FILE
     return json.loads(meta.read_text())["key"] if meta.is_file() else None
 
 
-def prepare_demo(workdir: str | Path, task: AdditionTask | None = None,
-                 teacher: TeacherConfig | None = None) -> DemoAssets:
-    """Return the demo's assets under ``workdir``, building whatever the cache lacks.
+def _build_model(target: Path, task: DemoTask, cfg: TeacherConfig, role: str) -> None:
+    shipped = shipped_model_dir(task, role)
+    if _recorded_key(shipped) == cache_key(task, cfg):
+        logger.info("demo %s: copying the shipped one from %s", role, shipped)
+        shutil.copytree(shipped, target)
+    else:
+        logger.info("demo %s: no shipped copy for key %s; training one (minutes)", role,
+                    cache_key(task, cfg))
+        record_teacher(target, task, cfg)
+
+
+def demo_root(workdir: str | Path, task: DemoTask | None = None,
+              teacher: TeacherConfig | None = None, student: TeacherConfig | None = None
+              ) -> Path:
+    """The directory :func:`prepare_demo` uses for these configs (nothing is built)."""
+    task = task or AdditionTask()
+    key = cache_key(task, teacher or TeacherConfig(), student)
+    return Path(workdir) / f"{_task_name(task)}-{key}"
+
+
+def prepare_demo(workdir: str | Path, task: DemoTask | None = None,
+                 teacher: TeacherConfig | None = None,
+                 student: TeacherConfig | None = None) -> DemoAssets:
+    """Return the assets of ``task`` under ``workdir``, building whatever the cache lacks.
 
     Fast (file checks only) when the cache is complete; otherwise writes the data files
-    (a second) and copies the shipped teacher or trains one (minutes). Safe to call from several
-    processes: each builds in its own temporary directory and the first rename wins.
+    (seconds) and copies the shipped models or trains them (minutes). ``student``: the config of
+    a separate student model trained on the same data; None = the student is the teacher. Safe
+    to call from several processes: each builds in its own temporary directory and the first
+    rename wins.
     """
     task = task or AdditionTask()
     teacher = teacher or TeacherConfig()
-    key = cache_key(task, teacher)
-    root = Path(workdir) / f"demo-{key}"
-    assets = _assets(root, task)
+    key = cache_key(task, teacher, student)
+    root = demo_root(workdir, task, teacher, student)
+    assets = _assets(root, task, student is not None)
     if (root / _READY).is_file():
         return assets
     build = root.with_name(f"{root.name}.tmp-{os.getpid()}")
     shutil.rmtree(build, ignore_errors=True)
-    built = _assets(build, task)
-    write_jsonl(built.train_file, train_records(task))
-    write_jsonl(built.eval_tasks["arith_gen"], generate_records(task))
-    write_jsonl(built.eval_tasks["arith_mc"], choice_records(task))
-    if _shipped_key() == key:
-        logger.info("demo teacher: copying the shipped one from %s", SHIPPED_TEACHER)
-        shutil.copytree(SHIPPED_TEACHER, built.teacher_dir)
-    else:
-        logger.info("demo teacher: no shipped teacher for key %s; training one (minutes)", key)
-        record_teacher(built.teacher_dir, task, teacher)
+    built = _assets(build, task, student is not None)
+    write_jsonl(built.train_file, task.train_records())
+    for name, records in task.eval_records().items():
+        write_jsonl(built.eval_tasks[name], records)
+    _build_model(built.teacher_dir, task, teacher, "teacher")
+    if student is not None:
+        _build_model(built.student_dir, task, student, "student")
     (build / _READY).write_text(key + "\n")
     try:
         build.rename(root)
@@ -126,8 +166,7 @@ def prepare_demo(workdir: str | Path, task: AdditionTask | None = None,
     return assets
 
 
-def record_teacher(model_dir: str | Path, task: AdditionTask,
-                   teacher: TeacherConfig) -> TeacherRun:
+def record_teacher(model_dir: str | Path, task: DemoTask, teacher: TeacherConfig) -> TeacherRun:
     """:func:`~nemo_opd.demo.teacher.train_teacher`, then record its cache key and run stats in
     ``model_dir/nemo_opd_demo.json`` (what :func:`ship_teacher` and the cache check read)."""
     run = train_teacher(model_dir, task, teacher)
@@ -137,15 +176,16 @@ def record_teacher(model_dir: str | Path, task: AdditionTask,
     return run
 
 
-def ship_teacher(model_dir: str | Path, task: AdditionTask | None = None,
-                 teacher: TeacherConfig | None = None) -> Path:
-    """Copy a teacher trained with the default configs into :data:`SHIPPED_TEACHER`."""
+def ship_teacher(model_dir: str | Path, task: DemoTask | None = None,
+                 teacher: TeacherConfig | None = None, role: str = "teacher") -> Path:
+    """Copy a model trained with ``task`` and ``teacher`` (default: the demo's) to where
+    :func:`prepare_demo` looks for the shipped ``role``; refused when its recorded key differs."""
     task, teacher = task or AdditionTask(), teacher or TeacherConfig()
-    meta = Path(model_dir) / _KEY_FILE
-    recorded = json.loads(meta.read_text())["key"] if meta.is_file() else None
+    recorded = _recorded_key(Path(model_dir))
     if recorded != cache_key(task, teacher):
-        raise ValueError(f"{model_dir} was not trained with the default demo configs (key "
-                         f"{recorded!r}, expected {cache_key(task, teacher)!r})")
-    shutil.rmtree(SHIPPED_TEACHER, ignore_errors=True)
-    shutil.copytree(model_dir, SHIPPED_TEACHER)
-    return SHIPPED_TEACHER
+        raise ValueError(f"{model_dir} was not trained with these configs (key {recorded!r}, "
+                         f"expected {cache_key(task, teacher)!r})")
+    shipped = shipped_model_dir(task, role)
+    shutil.rmtree(shipped, ignore_errors=True)
+    shutil.copytree(model_dir, shipped)
+    return shipped

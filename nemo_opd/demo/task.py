@@ -103,6 +103,15 @@ class AdditionTask:
         """The correct answer of ``problem`` (no leading space)."""
         return self.answer(problem.a + problem.b)
 
+    def train_records(self) -> list[dict[str, str]]:
+        """:func:`train_records` of this task (what the teacher trainer reads)."""
+        return train_records(self)
+
+    def eval_records(self) -> dict[str, list[dict]]:
+        """Eval task name → records: ``arith_gen`` (:func:`generate_records`) and ``arith_mc``
+        (:func:`choice_records`)."""
+        return {"arith_gen": generate_records(self), "arith_mc": choice_records(self)}
+
 
 def split_problems(task: AdditionTask) -> tuple[list[Problem], list[Problem]]:
     """``(train, eval)``: disjoint lists of distinct problems, the same for the same task.

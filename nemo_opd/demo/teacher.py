@@ -6,7 +6,9 @@ imports. The run is deterministic for a given :class:`TeacherConfig` and task on
 (seeded initialisation, batch order and no dropout; one CPU thread). After training, a few
 residual channels get outlier weights (:func:`add_outlier_channels`, function-preserving) and the
 weights are saved in bf16. ``--ship`` also refreshes the copy shipped in
-``nemo_opd/demo/assets`` that :func:`nemo_opd.demo.prepare_demo` starts from.
+``nemo_opd/demo/assets`` that :func:`nemo_opd.demo.prepare_demo` starts from. ``--model``
+picks another shipped model (:data:`MODELS`): finding 2's chain-sum teacher and weak student are
+trained by the same code, with :data:`CHAIN_TEACHER` / :data:`CHAIN_STUDENT`.
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ from pathlib import Path
 
 import torch
 
-from nemo_opd.demo.task import AdditionTask, make_task_tokenizer, train_records
+from nemo_opd.demo.chain import ChainSumTask
+from nemo_opd.demo.task import AdditionTask, make_task_tokenizer
 from nemo_opd.models.tiny import TinyModelSpec, make_tiny_hf_model
 
-__all__ = ["TRAINER_VERSION", "TeacherConfig", "TeacherRun", "add_outlier_channels",
-           "outlier_channel_ids", "train_teacher", "main"]
+__all__ = ["CHAIN_STUDENT", "CHAIN_TEACHER", "MODELS", "TRAINER_VERSION", "TeacherConfig",
+           "TeacherRun", "add_outlier_channels", "outlier_channel_ids", "train_teacher", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +37,7 @@ TRAINER_VERSION = 1
 
 @dataclasses.dataclass(frozen=True)
 class TeacherConfig:
-    """Shape and training schedule of the demo teacher."""
+    """Shape and training schedule of a demo model (the teacher, or a student trained apart)."""
 
     family: str = "llama"
     """Tiny model family (:data:`nemo_opd.models.tiny.TINY_FAMILIES`)."""
@@ -106,6 +109,22 @@ class TeacherConfig:
                              num_hidden_layers=self.num_layers, max_position_embeddings=64)
 
 
+CHAIN_TEACHER = TeacherConfig(num_layers=4, steps=2500, batch_size=32, outlier_channels=0,
+                              log_every=50)
+"""Finding 2's teacher (``docs/reproduction.md``): 4 layers, hidden 256, trained to ≥ 0.9 on
+:class:`~nemo_opd.demo.chain.ChainSumTask`; no outlier channels (not a quantization study)."""
+
+CHAIN_STUDENT = dataclasses.replace(CHAIN_TEACHER, num_layers=2, hidden_size=128,
+                                    intermediate_size=256, steps=600)
+"""Finding 2's weak student: 2 layers, hidden 128, the same data for 600 steps only (0.10 exact
+match; the measurements that chose it are in ``docs/reproduction.md``)."""
+
+MODELS = {"demo": (AdditionTask(), TeacherConfig(), "teacher"),
+          "chain_teacher": (ChainSumTask(), CHAIN_TEACHER, "teacher"),
+          "chain_student": (ChainSumTask(), CHAIN_STUDENT, "student")}
+"""The shipped models: name → (task, config, role in ``prepare_demo``)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class TeacherRun:
     """What :func:`train_teacher` produced."""
@@ -156,7 +175,7 @@ def _lr_at(step: int, cfg: TeacherConfig) -> float:
     return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def train_teacher(out_dir: str | Path, task: AdditionTask | None = None,
+def train_teacher(out_dir: str | Path, task: AdditionTask | ChainSumTask | None = None,
                   cfg: TeacherConfig | None = None) -> TeacherRun:
     """Train a teacher for ``task`` with ``cfg`` and ``save_pretrained`` it to ``out_dir``.
 
@@ -171,7 +190,7 @@ def train_teacher(out_dir: str | Path, task: AdditionTask | None = None,
     cfg = cfg or TeacherConfig()
     out_dir = Path(out_dir)
     tokenizer = make_task_tokenizer()
-    records = train_records(task)
+    records = task.train_records()
     ids, prompt_len = encode_pairs(tokenizer, [(r["prompt"], r["response"]) for r in records])
     # Random initialisation (seeded) and tokenizer written first, then trained in place.
     make_tiny_hf_model(out_dir, cfg.family, cfg.spec, seed=cfg.seed, tokenizer=tokenizer)
@@ -210,30 +229,36 @@ def train_teacher(out_dir: str | Path, task: AdditionTask | None = None,
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m nemo_opd.demo.teacher OUT_DIR [--steps N] [--ship]``."""
+    """``python -m nemo_opd.demo.teacher OUT_DIR [--model NAME] [--steps N] [--ship]``."""
     from nemo_opd.demo.assets import record_teacher, ship_teacher
 
     parser = argparse.ArgumentParser(prog="python -m nemo_opd.demo.teacher",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("out_dir", type=Path, help="where the HF teacher directory is written")
-    parser.add_argument("--steps", type=int, default=TeacherConfig.steps,
-                        help="optimizer steps (default: %(default)s)")
+    parser.add_argument("out_dir", type=Path, help="where the HF model directory is written")
+    parser.add_argument("--model", choices=MODELS, default="demo",
+                        help="which shipped model's task and config (default: %(default)s, the "
+                             "demo teacher; chain_teacher / chain_student: finding 2 of "
+                             "docs/reproduction.md)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="optimizer steps (default: the model's config)")
     parser.add_argument("--ship", action="store_true",
                         help="also copy the result into nemo_opd/demo/assets (default config "
                              "only)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(1)
+    task, default, role = MODELS[args.model]
     # A short run (a smoke test) keeps the default warmup only if it fits.
-    cfg = dataclasses.replace(TeacherConfig(), steps=args.steps,
-                              warmup_steps=min(TeacherConfig.warmup_steps, args.steps - 1))
-    run = record_teacher(args.out_dir, AdditionTask(), cfg)
-    logger.info("teacher written to %s in %.0f s (final loss %.4f)", run.model_dir,
+    steps = default.steps if args.steps is None else args.steps
+    cfg = dataclasses.replace(default, steps=steps,
+                              warmup_steps=min(default.warmup_steps, steps - 1))
+    run = record_teacher(args.out_dir, task, cfg)
+    logger.info("%s written to %s in %.0f s (final loss %.4f)", args.model, run.model_dir,
                 run.train_seconds, run.final_loss)
     if args.ship:
-        if cfg != TeacherConfig():
+        if cfg != default:
             parser.error("--ship needs the default configuration (no --steps)")
-        logger.info("shipped copy: %s", ship_teacher(run.model_dir))
+        logger.info("shipped copy: %s", ship_teacher(run.model_dir, task, cfg, role))
 
 
 if __name__ == "__main__":
