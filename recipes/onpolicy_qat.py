@@ -46,6 +46,8 @@ from nemo_opd.launch.memory import check_memory_fits, format_plan
 from nemo_opd.launch.plans import DEMO, EvalPlan, ExportPlan
 from nemo_opd.launch.recipe import config_tree, recipe_main
 from nemo_opd.launch.stages import (
+    baseline_fingerprints,
+    baseline_path,
     check_inputs_exist,
     check_output_dir,
     evaluate_export,
@@ -85,14 +87,17 @@ def onpolicy_qat(
     eval_every: int = 0,
     seed: int = 1234,
     demo_dir: str = "runs/demo_assets",
+    baseline_dir: str = "",
 ) -> dict[str, Any]:
     """Quantize ``model.student`` (``quant.format``), distill it from the teacher on-policy,
     evaluate teacher / PTQ / student / export, and write the results table.
 
-    All parameters but ``evaluation``, ``export`` and ``demo_dir`` are the fields of
-    :class:`nemo_opd.config.RunConfig`; paths
+    All parameters but ``evaluation``, ``export``, ``demo_dir`` and ``baseline_dir`` are the
+    fields of :class:`nemo_opd.config.RunConfig`; paths
     equal to ``"<demo>"`` are filled with the built-in demo's cached assets (made in
-    ``demo_dir`` on first use). Returns the results table (also in
+    ``demo_dir`` on first use). ``baseline_dir``: a directory several runs share for their
+    teacher and PTQ evaluations, kept by what each depends on (a grid of runs evaluates its
+    teacher once); "" = ``output_dir``. Returns the results table (also in
     ``<output_dir>/results.json``).
     """
     from nemo_opd.models.checkpoint import load_model_checkpoint
@@ -127,26 +132,26 @@ def onpolicy_qat(
 
         # 2. Baselines: the full-precision teacher, then the student quantized but not trained
         # (what the trainer starts from: same calibration batches). One model in memory at a
-        # time; a requeued job reuses the records saved by its first attempt.
+        # time; a requeued job (or, with baseline_dir, another run of the same models) reuses
+        # the records saved before.
         examples, _ = load_examples(cfg, tokenizer)
         # Layouts, an MoE student, the two vocabularies: refused here, before any weight loads.
         check_models(cfg, dist.get_world_size(), tokenizer,
                      [tokenizer.decode(e.prompt_ids) for e in examples[:8]])
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
             else tokenizer.eos_token_id
-        baseline = {"model": cfg.model, "quant": cfg.quant, "data": cfg.data, "seed": cfg.seed,
-                    "optim.micro_batch_size": cfg.optim.micro_batch_size,
-                    "evaluation": evaluation}
-        fingerprint = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
-                       for k, v in baseline.items()}
+        fingerprints = baseline_fingerprints(cfg, evaluation)
+        records_at = {role: baseline_path(out, baseline_dir, role, fp)
+                      for role, fp in fingerprints.items()}
         # With pipeline parallelism, evaluation builds whole models (TP = PP = 1) on each rank.
         eval_cfg, eval_groups = whole_layout(cfg)
         stages.start("teacher eval")
-        records = [reuse_or_evaluate(out / "eval_teacher.json", fingerprint, lambda: evaluate(
+        records = [reuse_or_evaluate(records_at["teacher"], fingerprints["teacher"],
+                                     lambda: evaluate(
             build_teacher(eval_cfg, eval_groups or teacher_groups(cfg)[0]),
             run_name="teacher", role="teacher"))]
         stages.start("PTQ eval")
-        records.append(reuse_or_evaluate(out / "eval_ptq.json", fingerprint, lambda: evaluate(
+        records.append(reuse_or_evaluate(records_at["ptq"], fingerprints["ptq"], lambda: evaluate(
             build_student(eval_cfg, calibration_batches(cfg, examples, pad_id),
                           pg_collection=eval_groups),
             run_name=f"PTQ {cfg.quant.format}", role="ptq")))

@@ -8,7 +8,10 @@ claim (protocol and results: docs/reproduction.md).
 
 Every run is ``python recipes/onpolicy_qat.py --factory tiny <cell overrides> optim.steps=N
 seed=K output_dir=<output_root>/<finding>/<cell>/seed<K>``, launched as a ``run.Script`` of a
-NeMo-Run Experiment on ``run.executor`` (default: this machine, one run after the other). Runs
+NeMo-Run Experiment on ``run.executor`` (default: this machine, one run after the other).
+Findings on their own task (``size_gap``) read its teacher and student from
+``<output_root>/assets``, made before the first run (copied from the shipped ones, or trained
+there: minutes); on a cluster ``output_root`` must be a path every node sees. Runs
 whose ``results.json`` exists are not run again, so an interrupted grid resumes. The first run
 is timed alone and the whole grid's time estimated from it; an estimate over the preset's
 budget is reported before the rest starts. The findings and their claims are data
@@ -25,7 +28,14 @@ from typing import Any
 
 import nemo_run as run
 
-from nemo_opd.experiments.findings import PRESETS, RunSpec, check_finding_names, plan_runs
+from nemo_opd.experiments.findings import (
+    FINDINGS,
+    PRESETS,
+    RunSpec,
+    check_finding_names,
+    plan_runs,
+    prepare_assets,
+)
 from nemo_opd.launch import executors  # noqa: F401  (registers run.executor=local|slurm|docker)
 from nemo_opd.launch.recipe import apply_overrides, built_arguments, recipe_main, resolve_preset
 
@@ -46,7 +56,7 @@ def _launch(runs: list[RunSpec], executor: run.Executor, entrypoint: str, path: 
 def reproduce_seeds(
     ctx: run.cli.RunContext,
     preset: str = "quick",
-    findings: tuple[str, ...] = ("quantization",),
+    findings: tuple[str, ...] = tuple(FINDINGS),
     overrides: tuple[str, ...] = (),
     output_root: str = "runs/reproduce",
     report_only: bool = False,
@@ -56,7 +66,8 @@ def reproduce_seeds(
 
     Args:
         preset: "quick" (the harness on a subset, 1 seed) or "full" (docs/reproduction.md).
-        findings: registered findings to run (nemo_opd.experiments.findings.FINDINGS).
+        findings: registered findings to run (nemo_opd.experiments.findings.FINDINGS):
+            ``quantization`` (finding 1), ``size_gap`` (finding 2).
         overrides: extra recipe overrides for every run (e.g. ``[optim.micro_batch_size=16]``);
             a result made with them is not the protocol's.
         output_root: where runs and the table go (on a cluster: a shared absolute path).
@@ -79,6 +90,8 @@ def reproduce_seeds(
     if ctx.dryrun:
         return
     if todo and not report_only:
+        for root in prepare_assets(findings, output_root):  # shipped copies, or trained here
+            print(f"assets: {root}")
         started = time.perf_counter()
         _launch(todo[:1], executor, entrypoint, path, "reproduce_seeds_probe")
         per_run = time.perf_counter() - started
@@ -97,8 +110,9 @@ def reproduce_seeds(
               f"{' ...' if len(missing) > 5 else ''}")
     report = judge(scores)
     extra = f", overrides {' '.join(overrides)}" if overrides else ""
-    header = (f"# Seed reproduction, preset '{preset}' ({len(settings.seeds)} seed(s), "
-              f"{settings.steps} steps per run{extra})")
+    steps = ", ".join(f"{name} {FINDINGS[name].steps[preset]}" for name in findings)
+    header = (f"# Seed reproduction, preset '{preset}' ({len(settings.seeds)} seed(s); steps "
+              f"per run: {steps}{extra})")
     paths = write_reproduction(report, output_root, header=header,
                                title=f"seed reproduction ({preset})")
     print(paths[1].read_text())

@@ -36,6 +36,45 @@ def test_plans_of_the_presets():
     assert all(r.args[-1] == "optim.lr=1e-4" for r in full)
 
 
+def test_size_gap_plan_fills_assets_and_schedule_lengths():
+    from nemo_opd.experiments.findings import FINDINGS, asset_root
+
+    runs = plan_runs(["size_gap"], PRESETS["full"], "/out")
+    assert len(runs) == 9 * 3  # strategies x seeds
+    root = asset_root("chain", "/out")
+    assert root.parent == Path("/out/assets") and root.name.startswith("chain-")
+    hybrid = next(r for r in runs if r.cell == "hybrid")
+    assert {f"model.student={root}/student", f"model.teacher={root}/teacher",
+            f"data.train_files=[{root}/train.jsonl]", "quant.format=none", "optim.steps=60",
+            "distill.strategy.switch_step=30"} <= set(hybrid.args)
+    assert not any("{" in a for r in runs for a in r.args)
+    quick = plan_runs(["size_gap"], PRESETS["quick"], "/out")
+    assert [r.cell for r in quick] == ["on_policy_gkd", "hybrid"]
+    assert "distill.strategy.switch_step=4" in quick[1].args and "optim.steps=8" in quick[1].args
+    assert FINDINGS["size_gap"].columns == ("score", "gain", "relative")
+
+
+def test_size_gap_verdicts(tmp_path):
+    """Synthetic results: on-policy gains 0.3 over a 0.1 start, off-policy strategies fall to
+    0.02 (collapse) except mixture (0.2), teacher_seeded equals on_policy_gkd."""
+    runs = plan_runs(["size_gap"], PRESETS["full"], str(tmp_path))
+    for spec in runs:
+        jitter = 0.003 * (spec.seed - 1)
+        score = {"offpolicy_kd": 0.02, "hybrid": 0.02, "reverse_curriculum": 0.01,
+                 "mixture": 0.2}.get(spec.cell, 0.4) + jitter
+        _write_run(spec, score, (score - 0.1) / 0.88, start=0.1)
+    report = judge(collect(runs)[0])["size_gap"]
+    verdicts = {c["key"]: c["verdict"] for c in report["claims"]}
+    assert verdicts == {"2a": "reproduced", "2b offpolicy_kd": "reproduced",
+                        "2b hybrid": "reproduced", "2b mixture": "not reproduced",
+                        "2b reverse_curriculum": "reproduced", "2c": "not reproduced"}
+    assert report["cells"]["on_policy_gkd"]["gain"]["mean"] == pytest.approx(0.3)
+    assert report["cells"]["mixture"]["relative"]["mean"] == pytest.approx(2.0)
+    md = write_reproduction(judge(collect(runs)[0]), tmp_path / "r", header="# t",
+                            title="t")[1].read_text()
+    assert "| cell | score | gain over start | score / start |" in md
+
+
 def test_bad_names():
     with pytest.raises(ValueError, match="did you mean 'quantization'"):
         check_finding_names(["quantisation"])
@@ -45,10 +84,11 @@ def test_bad_names():
         Claim("x", "t", "difference", "a")
 
 
-def _write_run(spec, score: float, gap: float) -> None:
+def _write_run(spec, score: float, gap: float, start: float = 0.446) -> None:
     out = Path(spec.output_dir)
     out.mkdir(parents=True)
     rows = [{"role": "teacher", "numerics": "megatron fp32", "average": 0.996},
+            {"role": "ptq", "numerics": "megatron fake-quant int4 fp32", "average": start},
             {"role": "student", "numerics": "megatron fake-quant int4 fp32", "average": score,
              "gap_recovered": gap},
             {"role": "student", "numerics": "HF dequantised float32", "average": 0.1}]
@@ -100,21 +140,56 @@ def test_recipe_refuses_bad_input_before_any_run(tmp_path):
 
 
 def test_quick_preset_end_to_end(tmp_path):
-    """The quick grid with 3 steps per run: both runs, the probe's estimate, the table."""
-    done = _recipe("overrides=[optim.steps=3]", f"output_root={tmp_path}", timeout=900)
+    """The quick grid of every finding with 3 steps per run and 50 eval problems: all runs,
+    the chain assets copied from the shipped models, the probe's estimate, the table."""
+    overrides = "overrides=[optim.steps=3,evaluation.limit=50]"
+    done = _recipe(overrides, f"output_root={tmp_path}", timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "the grid (2 runs) needs" in done.stdout
-    report = json.loads((tmp_path / "results.json").read_text())["quantization"]
-    assert set(report["cells"]) == {"int4_lambda0_beta1", "int4_lambda1_beta1"}
-    for cell in report["cells"].values():
-        assert cell["score"]["n"] == 1 and 0 <= cell["score"]["mean"] <= 1
-    judged = [c for c in report["claims"] if c["verdict"] != "not run"]
-    assert judged and all(c["verdict"] == "inconclusive" for c in judged)  # one seed
-    steps = [json.loads(line)["step"] for line in
-             (tmp_path / "quantization/int4_lambda1_beta1/seed0/metrics.jsonl").read_text()
-             .splitlines() if '"step"' in line]
-    assert max(steps) == 3
+    assert "the grid (4 runs) needs" in done.stdout
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["quantization"]["cells"]) == {"int4_lambda0_beta1", "int4_lambda1_beta1"}
+    assert set(results["size_gap"]["cells"]) == {"on_policy_gkd", "hybrid"}
+    for report in results.values():
+        for cell in report["cells"].values():
+            assert cell["score"]["n"] == 1 and 0 <= cell["score"]["mean"] <= 1
+        judged = [c for c in report["claims"] if c["verdict"] != "not run"]
+        assert judged and all(c["verdict"] == "inconclusive" for c in judged)  # one seed
+    for run in ("quantization/int4_lambda1_beta1", "size_gap/hybrid"):
+        steps = [json.loads(line)["step"] for line in
+                 (tmp_path / run / "seed0/metrics.jsonl").read_text().splitlines()
+                 if '"step"' in line]
+        assert max(steps) == 3
     # rerun: everything is done, nothing runs again
-    again = _recipe("overrides=[optim.steps=3]", f"output_root={tmp_path}", "--dryrun",
-                    timeout=300)
-    assert again.stdout.count("[done]") == 2
+    again = _recipe(overrides, f"output_root={tmp_path}", "--dryrun", timeout=300)
+    assert again.stdout.count("[done]") == 4
+
+
+def test_runs_share_the_baselines_their_seed_does_not_change(tmp_path):
+    """With a shared baseline_dir, runs that differ in seed or training settings find one
+    teacher record and, when the student is not calibrated, one PTQ record; a calibrated PTQ
+    record depends on the seed (its calibration batches)."""
+    import dataclasses
+
+    from nemo_opd.config import DataConfig, ModelConfig, OptimConfig, QuantConfig, RunConfig
+    from nemo_opd.launch.plans import EvalPlan
+    from nemo_opd.launch.stages import baseline_fingerprints, baseline_path
+
+    def paths(cfg: RunConfig, baseline_dir: str = str(tmp_path)) -> dict[str, Path]:
+        return {role: baseline_path(tmp_path / "out", baseline_dir, role, fp)
+                for role, fp in baseline_fingerprints(cfg, EvalPlan(tasks=())).items()}
+
+    base = RunConfig(model=ModelConfig(student="/s", teacher="/t"),
+                     data=DataConfig(train_files=("/d.jsonl",)), quant=QuantConfig(format="int4"))
+    other_seed = dataclasses.replace(base, seed=7, optim=OptimConfig(lr=1e-3))
+    assert paths(other_seed)["teacher"] == paths(base)["teacher"]
+    assert paths(other_seed)["ptq"] != paths(base)["ptq"]
+    uncalibrated = dataclasses.replace(base, quant=QuantConfig(format="none",
+                                                               calibration_batches=0))
+    assert paths(dataclasses.replace(uncalibrated, seed=7))["ptq"] == paths(uncalibrated)["ptq"]
+    assert paths(uncalibrated)["ptq"] != paths(base)["ptq"]
+    assert paths(dataclasses.replace(base, model=ModelConfig(student="/s2", teacher="/t"))
+                 )["teacher"] != paths(base)["teacher"]
+    assert paths(base, "") == {"teacher": tmp_path / "out" / "eval_teacher.json",
+                               "ptq": tmp_path / "out" / "eval_ptq.json"}
+    assert all(p.parent == tmp_path and p.name.startswith(f"eval_{r}-")
+               for r, p in paths(base).items())

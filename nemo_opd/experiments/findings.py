@@ -7,8 +7,10 @@ seeds and steps a run gets and which cells it runs (``quick`` checks the harness
 one seed; ``full`` is the protocol of ``docs/reproduction.md``). :func:`plan_runs` turns findings
 and a preset into the list of runs, each the recipe command a user could type.
 
-Registered so far: finding 1 (``quantization``, seeds 000–002). Findings 2–4 need tasks and
-models that are not built yet (``docs/reproduction.md``).
+Registered so far: finding 1 (``quantization``, seeds 000–002) on the demo's own assets, and
+finding 2 (``size_gap``, seed 004) on the chain-sum task's teacher and weak student
+(:mod:`nemo_opd.demo.chain`; shipped, or trained on first use by :func:`prepare_assets`).
+Findings 3–4 are not built yet (``docs/reproduction.md``).
 """
 
 from __future__ import annotations
@@ -17,12 +19,18 @@ import dataclasses
 import difflib
 import itertools
 from collections.abc import Sequence
+from pathlib import Path
 
 __all__ = ["Cell", "Claim", "FINDINGS", "Finding", "PRESETS", "Preset", "RunSpec",
-           "check_finding_names", "plan_runs"]
+           "asset_root", "check_finding_names", "plan_runs", "prepare_assets"]
 
-METRICS = ("score", "gap_recovered")
-RULES = ("difference", "at_least", "at_most")
+METRICS = ("score", "gap_recovered", "gain", "relative")
+"""Per-run values: the trained student's ``score``; ``gap_recovered`` = (score − start) /
+(teacher − start); ``gain`` = score − start; ``relative`` = score / start, where start is the
+untrained (PTQ, or for ``quant.format=none`` the initial) student's score."""
+METRIC_LABELS = {"score": "score", "gap_recovered": "PTQ gap recovered",
+                 "gain": "gain over start", "relative": "score / start"}
+RULES = ("difference", "change", "at_least", "at_most")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,13 +53,15 @@ class Claim:
     """Short id ("1b ...") used in tables."""
     text: str
     rule: str
-    """One of :data:`RULES`."""
+    """One of :data:`RULES`: ``difference`` of two cells' means (Welch), ``change`` of one
+    cell's metric from 0 (its own interval; for ``gain``), each judged by
+    ``stats.judge_difference``; ``at_least`` / ``at_most`` a level."""
     a: str
     """The cell judged (for ``difference``: the minuend, ``a − b``)."""
     b: str = ""
     """``difference`` only: the subtrahend cell."""
     direction: str = "none"
-    """``difference`` only: "greater", "less" or "none"."""
+    """``difference`` and ``change`` only: "greater", "less" or "none"."""
     level: float = 0.0
     """``at_least`` / ``at_most`` only."""
     metric: str = "score"
@@ -80,6 +90,13 @@ class Finding:
     claims: tuple[Claim, ...]
     quick_cells: tuple[str, ...]
     """The cells the ``quick`` preset runs."""
+    steps: dict[str, int]
+    """Optimizer steps per run, by preset name."""
+    assets: str = ""
+    """"" = the recipe's built-in demo; else a key of :data:`ASSETS` (cell overrides then say
+    ``{assets}`` for its directory)."""
+    columns: tuple[str, ...] = ("score", "gap_recovered")
+    """The metrics its table shows (:data:`METRICS`)."""
 
     def __post_init__(self) -> None:
         names = [c.name for c in self.cells]
@@ -100,7 +117,6 @@ class Preset:
 
     name: str
     seeds: tuple[int, ...]
-    steps: int
     quick: bool
     """Run each finding's ``quick_cells`` only."""
     budget_minutes: float
@@ -108,8 +124,8 @@ class Preset:
 
 
 PRESETS = {
-    "quick": Preset("quick", seeds=(0,), steps=10, quick=True, budget_minutes=10),
-    "full": Preset("full", seeds=(0, 1, 2), steps=40, quick=False, budget_minutes=60),
+    "quick": Preset("quick", seeds=(0,), quick=True, budget_minutes=10),
+    "full": Preset("full", seeds=(0, 1, 2), quick=False, budget_minutes=60),
 }
 
 MARGIN = 0.02
@@ -146,10 +162,62 @@ def _quantization() -> Finding:
         summary="INT4 / MXFP4 students of the demo teacher (4-bit-sensitive weights), "
                 "λ ∈ {0, 0.5, 1} × β ∈ {0, 1}",
         cells=cells, claims=tuple(claims),
-        quick_cells=(name("int4", 0.0, 1.0), name("int4", 1.0, 1.0)))
+        quick_cells=(name("int4", 0.0, 1.0), name("int4", 1.0, 1.0)),
+        steps={"quick": 10, "full": 40})
 
 
-FINDINGS = {f.name: f for f in (_quantization(),)}
+_CHAIN_RUN = (
+    "model.student={assets}/student", "model.teacher={assets}/teacher",
+    "model.tokenizer={assets}/teacher", "data.train_files=[{assets}/train.jsonl]",
+    "evaluation.local_tasks=[chain_gen={assets}/chain_gen.jsonl]",
+    # 15 prompt tokens, 44 solution tokens + EOS; a full-precision student, nothing to export.
+    "data.max_prompt_length=16", "data.max_response_length=48", "sampling.max_new_tokens=48",
+    "quant.format=none", "quant.calibration_batches=0", "export.enabled=false",
+    "optim.lr=0.0005", "optim.warmup_steps=3")
+"""Finding 2's runs: the chain-sum teacher and weak student (``{assets}``), reverse KL (β = 1)
+at temperature 1 as the recipe's tiny preset, lr 5e-4 (a quarter of the student's own
+pre-training peak)."""
+
+_OFF_POLICY = {
+    # name: (label, strategy overrides); "{half}" is half the run's steps (seed 004 switched
+    # and decayed at step 50 of 100).
+    "offpolicy_kd": ("off-policy KD (λ=0)", ("distill.lmbda=0.0",)),
+    "hybrid": ("hybrid", ("distill.strategy.name=hybrid", "distill.strategy.switch_step={half}")),
+    "mixture": ("mixture", ("distill.strategy.name=mixture",)),
+    "reverse_curriculum": ("reverse_curriculum", ("distill.strategy.name=reverse_curriculum",
+                                                  "distill.strategy.switch_step={half}")),
+}
+_ON_POLICY = {
+    "on_policy_gkd": ("on_policy_gkd", ("distill.strategy.name=on_policy_gkd",)),
+    "extended_on_policy": ("extended_on_policy (2×)", (
+        "distill.strategy.name=extended_on_policy",)),
+    "teacher_seeded": ("teacher_seeded", ("distill.strategy.name=teacher_seeded",
+                                          "distill.strategy.seed_tokens=20",
+                                          "distill.strategy.seed_decay_steps={half}")),
+    "kl_anchored": ("kl_anchored", ("distill.strategy.name=kl_anchored",)),
+    "replay_buffer": ("replay_buffer", ("distill.strategy.name=replay_buffer",)),
+}
+
+
+def _size_gap() -> Finding:
+    cells = tuple(Cell(name=name, label=label, overrides=(*_CHAIN_RUN, *strategy))
+                  for name, (label, strategy) in {**_OFF_POLICY, **_ON_POLICY}.items())
+    claims = [Claim("2a", "pure on-policy distillation improves the weak student", "change",
+                    "on_policy_gkd", direction="greater", metric="gain")]
+    claims += [Claim(f"2b {name}", "a strategy with an off-policy part collapses (score at most "
+                     "half the start)", "at_most", name, level=0.5, metric="relative")
+               for name in _OFF_POLICY]
+    claims += [Claim("2c", "teacher_seeded beats on_policy_gkd", "difference", "teacher_seeded",
+                     "on_policy_gkd", direction="greater")]
+    return Finding(
+        name="size_gap", seeds="004",
+        summary="a 2-layer hidden-128 student trained briefly (weak) distilled from a 4-layer "
+                "hidden-256 teacher on step-by-step sums (44 generated tokens), by strategy",
+        cells=cells, claims=tuple(claims), quick_cells=("on_policy_gkd", "hybrid"),
+        steps={"quick": 8, "full": 60}, assets="chain", columns=("score", "gain", "relative"))
+
+
+FINDINGS = {f.name: f for f in (_quantization(), _size_gap())}
 """Registered findings by name."""
 
 
@@ -163,7 +231,7 @@ def check_finding_names(names: Sequence[str]) -> list[str]:
             close = difflib.get_close_matches(name, FINDINGS, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ValueError(f"unknown finding {name!r}{hint}; registered: "
-                             f"{', '.join(FINDINGS)} (findings 2-4 of docs/reproduction.md are "
+                             f"{', '.join(FINDINGS)} (findings 3-4 of docs/reproduction.md are "
                              "not built yet)")
     if len(set(names)) != len(names):
         raise ValueError(f"findings repeat: {names}")
@@ -186,18 +254,52 @@ class RunSpec:
         return f"{self.finding}-{self.cell}-seed{self.seed}"
 
 
+def _asset_configs(name: str):
+    from nemo_opd.demo.chain import ChainSumTask
+    from nemo_opd.demo.teacher import CHAIN_STUDENT, CHAIN_TEACHER
+
+    return {"chain": (ChainSumTask(), CHAIN_TEACHER, CHAIN_STUDENT)}[name]
+
+
+ASSETS = ("chain",)
+"""Asset sets a finding can name: ``chain`` = :class:`~nemo_opd.demo.chain.ChainSumTask` with
+finding 2's teacher and weak student (``nemo_opd.demo.teacher.CHAIN_*``)."""
+
+
+def asset_root(name: str, output_root: str) -> Path:
+    """Where :func:`prepare_assets` puts asset set ``name`` for a grid in ``output_root``
+    (known without building it)."""
+    from nemo_opd.demo.assets import demo_root
+
+    return demo_root(Path(output_root) / "assets", *_asset_configs(name))
+
+
+def prepare_assets(names: Sequence[str], output_root: str) -> list[Path]:
+    """Build (or find cached) the asset sets the findings ``names`` use; returns their roots."""
+    from nemo_opd.demo.assets import prepare_demo
+
+    sets = sorted({FINDINGS[n].assets for n in check_finding_names(names)} - {""})
+    return [prepare_demo(Path(output_root) / "assets", *_asset_configs(s)).root for s in sets]
+
+
 def plan_runs(names: Sequence[str], preset: Preset, output_root: str,
               extra_overrides: Sequence[str] = ()) -> list[RunSpec]:
     """Every (finding, cell, seed) run of ``preset``, in that order; outputs under
-    ``<output_root>/<finding>/<cell>/seed<k>``."""
+    ``<output_root>/<finding>/<cell>/seed<k>``, asset sets under ``<output_root>/assets``, the
+    teacher / PTQ evaluations a finding's runs share under ``<output_root>/<finding>/baselines``
+    (the teacher is evaluated once per finding)."""
     runs = []
     for name in check_finding_names(names):
         finding = FINDINGS[name]
+        steps = finding.steps[preset.name]
+        fill = {"half": steps // 2,
+                "assets": asset_root(finding.assets, output_root) if finding.assets else ""}
         cells = ([finding.cell(c) for c in finding.quick_cells] if preset.quick
                  else list(finding.cells))
         for cell, seed in itertools.product(cells, preset.seeds):
             out = f"{output_root}/{name}/{cell.name}/seed{seed}"
-            args = ("--factory", "tiny", *cell.overrides, f"optim.steps={preset.steps}",
-                    f"seed={seed}", f"output_dir={out}", *extra_overrides)
+            args = ("--factory", "tiny", *(o.format(**fill) for o in cell.overrides),
+                    f"optim.steps={steps}", f"seed={seed}", f"output_dir={out}",
+                    f"baseline_dir={output_root}/{name}/baselines", *extra_overrides)
             runs.append(RunSpec(name, cell.name, seed, args, out))
     return runs

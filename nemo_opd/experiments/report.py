@@ -15,7 +15,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from nemo_opd.experiments.findings import FINDINGS, MARGIN, Claim, Finding, RunSpec
+from nemo_opd.experiments.findings import (
+    FINDINGS,
+    MARGIN,
+    METRIC_LABELS,
+    METRICS,
+    Claim,
+    Finding,
+    RunSpec,
+)
 from nemo_opd.experiments.stats import (
     Estimate,
     difference,
@@ -31,17 +39,23 @@ Scores = dict[str, dict[str, dict[str, list[float]]]]
 """finding → cell → metric → per-seed values."""
 
 
-def _student_row(path: Path) -> dict[str, Any]:
+def _run_values(path: Path) -> dict[str, float]:
+    """The :data:`~nemo_opd.experiments.findings.METRICS` of one run's ``results.json``."""
     data = json.loads(path.read_text())
-    rows = [r for r in data["table"]["rows"]
-            if r["role"] == "student" and r["numerics"].startswith("megatron")]
-    if len(rows) != 1:
-        raise ValueError(f"{path}: expected one trained-student row, found {len(rows)}")
-    return rows[0]
+    rows = data["table"]["rows"]
+    students = [r for r in rows if r["role"] == "student" and r["numerics"].startswith("megatron")]
+    starts = [r for r in rows if r["role"] == "ptq"]
+    if len(students) != 1 or len(starts) != 1:
+        raise ValueError(f"{path}: expected one trained-student row and one start (PTQ) row, "
+                         f"found {len(students)} and {len(starts)}")
+    score, start = float(students[0]["average"]), float(starts[0]["average"])
+    gap = students[0].get("gap_recovered")
+    return {"score": score, "gap_recovered": math.nan if gap is None else float(gap),
+            "gain": score - start, "relative": score / start if start else math.nan}
 
 
 def collect(runs: Sequence[RunSpec]) -> tuple[Scores, list[str]]:
-    """Per-seed scores of the finished runs, and the names of the runs without results."""
+    """Per-seed metrics of the finished runs, and the names of the runs without results."""
     scores: Scores = {}
     missing = []
     for spec in runs:
@@ -49,12 +63,10 @@ def collect(runs: Sequence[RunSpec]) -> tuple[Scores, list[str]]:
         if not path.is_file():
             missing.append(spec.name)
             continue
-        row = _student_row(path)
         cell = scores.setdefault(spec.finding, {}).setdefault(
-            spec.cell, {"score": [], "gap_recovered": []})
-        cell["score"].append(float(row["average"]))
-        gap = row.get("gap_recovered")
-        cell["gap_recovered"].append(math.nan if gap is None else float(gap))
+            spec.cell, {metric: [] for metric in METRICS})
+        for metric, value in _run_values(path).items():
+            cell[metric].append(value)
     return scores, missing
 
 
@@ -73,6 +85,12 @@ def _judge_claim(claim: Claim, cells: dict[str, dict[str, list[float]]]) -> dict
         est = difference(a, b)
         verdict = judge_difference(est, claim.direction, MARGIN)
         out["claim"] = f"{claim.a} − {claim.b}: {claim.direction}"
+    elif claim.rule == "change":
+        est = _estimate(cells[claim.a][claim.metric])
+        if est is None:
+            return {**out, "verdict": "inconclusive", "estimate": None}
+        verdict = judge_difference(est, claim.direction, MARGIN)
+        out["claim"] = f"{claim.metric} of {claim.a}: {claim.direction}"
     else:
         est = _estimate(cells[claim.a][claim.metric])
         if est is None:
@@ -92,7 +110,7 @@ def judge(scores: Scores) -> dict[str, Any]:
                             for metric, v in metrics.items()}
                      for cell, metrics in cells.items()}
         report[name] = {"seeds": finding.seeds, "summary": finding.summary,
-                        "cells": estimates,
+                        "columns": list(finding.columns), "cells": estimates,
                         "labels": {c: finding.cell(c).label for c in cells},
                         "claims": [_judge_claim(c, cells) for c in finding.claims]}
     return report
@@ -101,12 +119,14 @@ def judge(scores: Scores) -> dict[str, Any]:
 def _markdown(report: dict[str, Any], header: str) -> str:
     lines = [header, ""]
     for name, finding in report.items():
+        columns = finding["columns"]
         lines += [f"## {name} (seeds {finding['seeds']})", "", finding["summary"], "",
-                  "| cell | score | PTQ gap recovered |", "|---|---|---|"]
+                  "| cell | " + " | ".join(METRIC_LABELS[c] for c in columns) + " |",
+                  "|---" * (len(columns) + 1) + "|"]
         for cell, metrics in finding["cells"].items():
-            texts = [("–" if m is None else Estimate(**m).text()) for m in
-                     (metrics["score"], metrics["gap_recovered"])]
-            lines.append(f"| {finding['labels'][cell]} | {texts[0]} | {texts[1]} |")
+            texts = ["–" if metrics[c] is None else Estimate(**metrics[c]).text()
+                     for c in columns]
+            lines.append(f"| {finding['labels'][cell]} | " + " | ".join(texts) + " |")
         lines += ["", "| claim | judged | estimate | verdict |", "|---|---|---|---|"]
         for claim in finding["claims"]:
             lines.append(f"| {claim['key']}: {claim['text']} | {claim.get('claim', '')} | "

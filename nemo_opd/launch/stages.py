@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -29,6 +30,8 @@ __all__ = [
     "check_inputs_exist",
     "check_output_dir",
     "evaluator",
+    "baseline_fingerprints",
+    "baseline_path",
     "reuse_or_evaluate",
     "export_trained_student",
     "whole_layout",
@@ -208,6 +211,37 @@ def export_trained_student(student: torch.nn.Module | None, cfg: RunConfig, plan
     return [export_dir]
 
 
+def baseline_fingerprints(cfg: RunConfig, evaluation: EvalPlan) -> dict[str, dict[str, Any]]:
+    """What each baseline evaluation depends on, as JSON: the teacher's (``"teacher"``) on the
+    models and the evaluation; the PTQ student's (``"ptq"``) also on the quantization and, when
+    it calibrates, on the calibration batches (data, seed, micro batch size). Greedy evaluation
+    uses no seed, so runs that differ only in seed or training settings share both records."""
+    import json
+
+    teacher = {"model": cfg.model, "evaluation": evaluation}
+    ptq = {**teacher, "quant": cfg.quant}
+    if cfg.quant.format != "none" and cfg.quant.calibration_batches:
+        ptq |= {"data": cfg.data, "seed": cfg.seed,
+                "optim.micro_batch_size": cfg.optim.micro_batch_size}
+    return {role: json.loads(json.dumps({k: dataclasses.asdict(v) if dataclasses.is_dataclass(v)
+                                         else v for k, v in inputs.items()}))
+            for role, inputs in (("teacher", teacher), ("ptq", ptq))}
+
+
+def baseline_path(output_dir: str | Path, baseline_dir: str, role: str,
+                  fingerprint: dict[str, Any]) -> Path:
+    """Where the ``role`` baseline record lives: ``<output_dir>/eval_<role>.json``, or, with a
+    ``baseline_dir`` shared by several runs, ``<baseline_dir>/eval_<role>-<hash>.json`` keyed by
+    its fingerprint (so different baselines never overwrite each other)."""
+    import hashlib
+    import json
+
+    if not baseline_dir:
+        return Path(output_dir) / f"eval_{role}.json"
+    digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:12]
+    return Path(baseline_dir) / f"eval_{role}-{digest}.json"
+
+
 def reuse_or_evaluate(path: Path, fingerprint: dict[str, Any],
                       evaluate: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """The record saved in ``path`` when it was made with an equal ``fingerprint`` (so a requeued
@@ -222,9 +256,11 @@ def reuse_or_evaluate(path: Path, fingerprint: dict[str, Any],
         log_rank0(logger, "reusing %s (same models, quantization, data and evaluation)", path)
         return saved["record"]
     record = evaluate()
-    if is_rank0():
+    if is_rank0():  # written whole then renamed: a run reading a shared record never sees half
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"fingerprint": fingerprint, "record": record}, indent=2))
+        partial = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        partial.write_text(json.dumps({"fingerprint": fingerprint, "record": record}, indent=2))
+        partial.replace(path)
     return record
 
 
