@@ -67,7 +67,7 @@ def reproduce_seeds(
     Args:
         preset: "quick" (the harness on a subset, 1 seed) or "full" (docs/reproduction.md).
         findings: registered findings to run (nemo_opd.experiments.findings.FINDINGS):
-            ``quantization`` (finding 1), ``size_gap`` (finding 2).
+            ``quantization`` (finding 1), ``size_gap`` (finding 2), ``gap`` (finding 4).
         overrides: extra recipe overrides for every run (e.g. ``[optim.micro_batch_size=16]``);
             a result made with them is not the protocol's.
         output_root: where runs and the table go (on a cluster: a shared absolute path).
@@ -83,14 +83,17 @@ def reproduce_seeds(
     runs = plan_runs(findings, settings, output_root, overrides)
     entrypoint = sys.executable if local else "python"
     path = str(RECIPE) if local else f"recipes/{RECIPE.name}"
-    todo = [r for r in runs if not (Path(r.output_dir) / "results.json").is_file()]
+    # A run shared by two findings (same directory) runs once.
+    unique = [r for i, r in enumerate(runs)
+              if r.output_dir not in {q.output_dir for q in runs[:i]}]
+    todo = [r for r in unique if not (Path(r.output_dir) / "results.json").is_file()]
     for spec in runs:
-        state = "to run" if spec in todo else "done"
+        state = "shared" if spec not in unique else "to run" if spec in todo else "done"
         print(f"{spec.name} [{state}]: {entrypoint} {path} {' '.join(spec.args)}")
     if ctx.dryrun:
         return
     if todo and not report_only:
-        for root in prepare_assets(findings, output_root):  # shipped copies, or trained here
+        for root in prepare_assets(findings, settings, output_root):  # shipped, or trained
             print(f"assets: {root}")
         started = time.perf_counter()
         _launch(todo[:1], executor, entrypoint, path, "reproduce_seeds_probe")

@@ -54,6 +54,24 @@ def test_size_gap_plan_fills_assets_and_schedule_lengths():
     assert FINDINGS["size_gap"].columns == ("score", "gain", "relative")
 
 
+def test_gap_plan_shares_finding_2s_runs():
+    """Finding 4's smallest-student cells are finding 2's off-policy KD and on_policy_gkd runs:
+    planned together they point at the same directories; the larger students get their own
+    asset sets."""
+    from nemo_opd.experiments.findings import asset_root
+
+    runs = plan_runs(["size_gap", "gap"], PRESETS["full"], "/out")
+    by_name = {r.name: r for r in runs}
+    assert by_name["gap-2x128_on-seed1"].output_dir == "/out/size_gap/on_policy_gkd/seed1"
+    assert by_name["gap-2x128_off-seed0"].output_dir == "/out/size_gap/offpolicy_kd/seed0"
+    assert by_name["gap-4x256_on-seed2"].output_dir == "/out/gap/4x256_on/seed2"
+    assert f"model.student={asset_root('chain_4x256', '/out')}/student" in \
+        by_name["gap-4x256_on-seed2"].args
+    assert len({r.output_dir for r in runs}) == 27 + 12
+    alone = plan_runs(["gap"], PRESETS["full"], "/out")
+    assert alone[0].output_dir == "/out/gap/2x128_off/seed0"
+
+
 def test_size_gap_verdicts(tmp_path):
     """Synthetic results: on-policy gains 0.3 over a 0.1 start, off-policy strategies fall to
     0.02 (collapse) except mixture (0.2), teacher_seeded equals on_policy_gkd."""
@@ -165,9 +183,9 @@ def test_quick_preset_end_to_end(tmp_path):
 
 
 def test_runs_share_the_baselines_their_seed_does_not_change(tmp_path):
-    """With a shared baseline_dir, runs that differ in seed or training settings find one
-    teacher record and, when the student is not calibrated, one PTQ record; a calibrated PTQ
-    record depends on the seed (its calibration batches)."""
+    """With a shared baseline_dir, runs that differ in seed, training settings or student find
+    one teacher record and, when the student is not calibrated, runs of one student one PTQ
+    record; a calibrated PTQ record depends on the seed (its calibration batches)."""
     import dataclasses
 
     from nemo_opd.config import DataConfig, ModelConfig, OptimConfig, QuantConfig, RunConfig
@@ -178,7 +196,7 @@ def test_runs_share_the_baselines_their_seed_does_not_change(tmp_path):
         return {role: baseline_path(tmp_path / "out", baseline_dir, role, fp)
                 for role, fp in baseline_fingerprints(cfg, EvalPlan(tasks=())).items()}
 
-    base = RunConfig(model=ModelConfig(student="/s", teacher="/t"),
+    base = RunConfig(model=ModelConfig(student="/s", teacher="/t", tokenizer="/t"),
                      data=DataConfig(train_files=("/d.jsonl",)), quant=QuantConfig(format="int4"))
     other_seed = dataclasses.replace(base, seed=7, optim=OptimConfig(lr=1e-3))
     assert paths(other_seed)["teacher"] == paths(base)["teacher"]
@@ -187,7 +205,12 @@ def test_runs_share_the_baselines_their_seed_does_not_change(tmp_path):
                                                                calibration_batches=0))
     assert paths(dataclasses.replace(uncalibrated, seed=7))["ptq"] == paths(uncalibrated)["ptq"]
     assert paths(uncalibrated)["ptq"] != paths(base)["ptq"]
-    assert paths(dataclasses.replace(base, model=ModelConfig(student="/s2", teacher="/t"))
+    other_student = dataclasses.replace(base, model=ModelConfig(student="/s2", teacher="/t",
+                                                                tokenizer="/t"))
+    assert paths(other_student)["teacher"] == paths(base)["teacher"]
+    assert paths(other_student)["ptq"] != paths(base)["ptq"]
+    assert paths(dataclasses.replace(base, model=ModelConfig(student="/s", teacher="/t2",
+                                                             tokenizer="/t"))
                  )["teacher"] != paths(base)["teacher"]
     assert paths(base, "") == {"teacher": tmp_path / "out" / "eval_teacher.json",
                                "ptq": tmp_path / "out" / "eval_ptq.json"}

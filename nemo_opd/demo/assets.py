@@ -9,9 +9,10 @@ it is built under a temporary name and renamed, so an interrupted build leaves n
 looks finished.
 
 Each model (the teacher, and a separate student when one is configured) comes from, in order:
-the cache; the copy shipped in ``nemo_opd/demo/assets`` when its recorded key matches (made by
+the cache; a copy shipped in ``nemo_opd/demo/assets`` whose recorded key matches (made by
 ``python -m nemo_opd.demo.teacher OUT --ship``, the same training code); otherwise it is trained
-here (minutes on a CPU, with progress logged).
+here (minutes on a CPU, with progress logged). Shipped: the demo teacher and finding 2's
+chain-sum teacher and weak student.
 
 Without a student config the student starts from the teacher's own weights
 (``student_dir == teacher_dir``): the demo is quantization-aware self-distillation (seed 003
@@ -36,7 +37,7 @@ from nemo_opd.demo.task import TASK_VERSION, AdditionTask, write_jsonl
 from nemo_opd.demo.teacher import TRAINER_VERSION, TeacherConfig, TeacherRun, train_teacher
 
 __all__ = ["DemoAssets", "DemoTask", "SHIPPED_TEACHER", "cache_key", "demo_root", "prepare_demo",
-           "record_teacher", "ship_teacher", "shipped_model_dir"]
+           "record_teacher", "ship_teacher", "shipped_copy"]
 
 logger = logging.getLogger(__name__)
 
@@ -89,9 +90,12 @@ def cache_key(task: DemoTask, teacher: TeacherConfig, student: TeacherConfig | N
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def shipped_model_dir(task: DemoTask, role: str) -> Path:
-    """Where the copy of ``role`` ("teacher" or "student") shipped for ``task`` lives."""
-    return SHIPPED_TEACHER if isinstance(task, AdditionTask) else _SHIPPED / _task_name(task) / role
+def shipped_copy(task: DemoTask, cfg: TeacherConfig) -> Path | None:
+    """The model directory shipped in ``nemo_opd/demo/assets`` whose recorded key is
+    ``cache_key(task, cfg)``, or None (then :func:`prepare_demo` trains it)."""
+    key = cache_key(task, cfg)
+    return next((meta.parent for meta in sorted(_SHIPPED.rglob(_KEY_FILE))
+                 if _recorded_key(meta.parent) == key), None)
 
 
 def _assets(root: Path, task: DemoTask, separate_student: bool) -> DemoAssets:
@@ -109,8 +113,8 @@ def _recorded_key(model_dir: Path) -> str | None:
 
 
 def _build_model(target: Path, task: DemoTask, cfg: TeacherConfig, role: str) -> None:
-    shipped = shipped_model_dir(task, role)
-    if _recorded_key(shipped) == cache_key(task, cfg):
+    shipped = shipped_copy(task, cfg)
+    if shipped is not None:
         logger.info("demo %s: copying the shipped one from %s", role, shipped)
         shutil.copytree(shipped, target)
     else:
@@ -177,15 +181,16 @@ def record_teacher(model_dir: str | Path, task: DemoTask, teacher: TeacherConfig
 
 
 def ship_teacher(model_dir: str | Path, task: DemoTask | None = None,
-                 teacher: TeacherConfig | None = None, role: str = "teacher") -> Path:
-    """Copy a model trained with ``task`` and ``teacher`` (default: the demo's) to where
-    :func:`prepare_demo` looks for the shipped ``role``; refused when its recorded key differs."""
+                 teacher: TeacherConfig | None = None, where: str = "teacher") -> Path:
+    """Copy a model trained with ``task`` and ``teacher`` (default: the demo's) to
+    ``nemo_opd/demo/assets/<where>``, where :func:`prepare_demo` finds it by its recorded key;
+    refused when that key differs."""
     task, teacher = task or AdditionTask(), teacher or TeacherConfig()
     recorded = _recorded_key(Path(model_dir))
     if recorded != cache_key(task, teacher):
         raise ValueError(f"{model_dir} was not trained with these configs (key {recorded!r}, "
                          f"expected {cache_key(task, teacher)!r})")
-    shipped = shipped_model_dir(task, role)
+    shipped = _SHIPPED / where
     shutil.rmtree(shipped, ignore_errors=True)
     shutil.copytree(model_dir, shipped)
     return shipped

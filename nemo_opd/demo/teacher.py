@@ -26,7 +26,7 @@ from nemo_opd.demo.chain import ChainSumTask
 from nemo_opd.demo.task import AdditionTask, make_task_tokenizer
 from nemo_opd.models.tiny import TinyModelSpec, make_tiny_hf_model
 
-__all__ = ["CHAIN_STUDENT", "CHAIN_TEACHER", "MODELS", "TRAINER_VERSION", "TeacherConfig",
+__all__ = ["CHAIN_STUDENT", "CHAIN_STUDENTS", "CHAIN_TEACHER", "MODELS", "TRAINER_VERSION", "TeacherConfig",
            "TeacherRun", "add_outlier_channels", "outlier_channel_ids", "train_teacher", "main"]
 
 logger = logging.getLogger(__name__)
@@ -119,10 +119,21 @@ CHAIN_STUDENT = dataclasses.replace(CHAIN_TEACHER, num_layers=2, hidden_size=128
 """Finding 2's weak student: 2 layers, hidden 128, the same data for 600 steps only (0.10 exact
 match; the measurements that chose it are in ``docs/reproduction.md``)."""
 
+CHAIN_STUDENTS = {"2x128": CHAIN_STUDENT,
+                  "2x256": dataclasses.replace(CHAIN_STUDENT, hidden_size=256,
+                                               intermediate_size=512),
+                  "4x256": dataclasses.replace(CHAIN_STUDENT, num_layers=4, hidden_size=256,
+                                               intermediate_size=512)}
+"""Finding 4's students (layers x hidden), each pre-trained the same 600 steps: the capability
+gap to :data:`CHAIN_TEACHER` shrinks with size. The 2x128 one is :data:`CHAIN_STUDENT`."""
+
 MODELS = {"demo": (AdditionTask(), TeacherConfig(), "teacher"),
-          "chain_teacher": (ChainSumTask(), CHAIN_TEACHER, "teacher"),
-          "chain_student": (ChainSumTask(), CHAIN_STUDENT, "student")}
-"""The shipped models: name → (task, config, role in ``prepare_demo``)."""
+          "chain_teacher": (ChainSumTask(), CHAIN_TEACHER, "chain/teacher"),
+          "chain_student": (ChainSumTask(), CHAIN_STUDENT, "chain/student"),
+          **{f"chain_student_{size}": (ChainSumTask(), cfg, "")
+             for size, cfg in CHAIN_STUDENTS.items() if cfg != CHAIN_STUDENT}}
+"""The demo models: name → (task, config, where ``--ship`` puts it under
+``nemo_opd/demo/assets``; "" = not shipped, trained on first use)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(1)
-    task, default, role = MODELS[args.model]
+    task, default, where = MODELS[args.model]
     # A short run (a smoke test) keeps the default warmup only if it fits.
     steps = default.steps if args.steps is None else args.steps
     cfg = dataclasses.replace(default, steps=steps,
@@ -256,9 +267,10 @@ def main(argv: list[str] | None = None) -> None:
     logger.info("%s written to %s in %.0f s (final loss %.4f)", args.model, run.model_dir,
                 run.train_seconds, run.final_loss)
     if args.ship:
-        if cfg != default:
-            parser.error("--ship needs the default configuration (no --steps)")
-        logger.info("shipped copy: %s", ship_teacher(run.model_dir, task, cfg, role))
+        if cfg != default or not where:
+            parser.error("--ship needs the default configuration (no --steps) of a shipped "
+                         f"model ({', '.join(n for n, m in MODELS.items() if m[2])})")
+        logger.info("shipped copy: %s", ship_teacher(run.model_dir, task, cfg, where))
 
 
 if __name__ == "__main__":

@@ -9,8 +9,9 @@ and a preset into the list of runs, each the recipe command a user could type.
 
 Registered so far: finding 1 (``quantization``, seeds 000–002) on the demo's own assets, and
 finding 2 (``size_gap``, seed 004) on the chain-sum task's teacher and weak student
-(:mod:`nemo_opd.demo.chain`; shipped, or trained on first use by :func:`prepare_assets`).
-Findings 3–4 are not built yet (``docs/reproduction.md``).
+(:mod:`nemo_opd.demo.chain`; shipped, or trained on first use by :func:`prepare_assets`), and
+finding 4's gap sweep (``gap``: three student sizes, on- vs off-policy). Finding 3 is not built
+yet (``docs/reproduction.md``).
 """
 
 from __future__ import annotations
@@ -42,7 +43,10 @@ class Cell:
     label: str
     """How tables and plots name it."""
     overrides: tuple[str, ...]
-    """``recipes/onpolicy_qat.py`` overrides (on top of the preset's steps and seed)."""
+    """``recipes/onpolicy_qat.py`` overrides (on top of the preset's steps and seed); ``{assets}``
+    stands for the directory of :attr:`assets`, ``{half}`` for half the run's steps."""
+    assets: str = ""
+    """"" = the recipe's built-in demo; else a key of :data:`ASSETS`."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,9 +96,6 @@ class Finding:
     """The cells the ``quick`` preset runs."""
     steps: dict[str, int]
     """Optimizer steps per run, by preset name."""
-    assets: str = ""
-    """"" = the recipe's built-in demo; else a key of :data:`ASSETS` (cell overrides then say
-    ``{assets}`` for its directory)."""
     columns: tuple[str, ...] = ("score", "gap_recovered")
     """The metrics its table shows (:data:`METRICS`)."""
 
@@ -200,7 +201,8 @@ _ON_POLICY = {
 
 
 def _size_gap() -> Finding:
-    cells = tuple(Cell(name=name, label=label, overrides=(*_CHAIN_RUN, *strategy))
+    cells = tuple(Cell(name=name, label=label, overrides=(*_CHAIN_RUN, *strategy),
+                       assets="chain")
                   for name, (label, strategy) in {**_OFF_POLICY, **_ON_POLICY}.items())
     claims = [Claim("2a", "pure on-policy distillation improves the weak student", "change",
                     "on_policy_gkd", direction="greater", metric="gain")]
@@ -214,10 +216,29 @@ def _size_gap() -> Finding:
         summary="a 2-layer hidden-128 student trained briefly (weak) distilled from a 4-layer "
                 "hidden-256 teacher on step-by-step sums (44 generated tokens), by strategy",
         cells=cells, claims=tuple(claims), quick_cells=("on_policy_gkd", "hybrid"),
-        steps={"quick": 8, "full": 60}, assets="chain", columns=("score", "gain", "relative"))
+        steps={"quick": 8, "full": 60}, columns=("score", "gain", "relative"))
 
 
-FINDINGS = {f.name: f for f in (_quantization(), _size_gap())}
+def _gap() -> Finding:
+    sizes = ("2x128", "2x256", "4x256")
+    modes = {"off": _OFF_POLICY["offpolicy_kd"], "on": _ON_POLICY["on_policy_gkd"]}
+    cells = tuple(Cell(name=f"{size}_{mode}", label=f"{size} {label}",
+                       overrides=(*_CHAIN_RUN, *strategy),
+                       assets="chain" if size == "2x128" else f"chain_{size}")
+                  for size in sizes for mode, (label, strategy) in modes.items())
+    claims = tuple(Claim(f"4 {size}", "on-policy minus off-policy (reported against 'none')",
+                         "difference", f"{size}_on", f"{size}_off", direction="none")
+                   for size in sizes)
+    return Finding(
+        name="gap", seeds="beyond 000–004",
+        summary="on_policy_gkd vs off-policy KD as the capability gap shrinks: students of "
+                "2 layers × hidden 128, 2 × 256 and 4 × 256 (the teacher's shape), each "
+                "pre-trained the same 600 steps, distilled from finding 2's teacher",
+        cells=cells, claims=claims, quick_cells=("2x128_off", "2x128_on"),
+        steps={"quick": 8, "full": 60}, columns=("score", "gain"))
+
+
+FINDINGS = {f.name: f for f in (_quantization(), _size_gap(), _gap())}
 """Registered findings by name."""
 
 
@@ -231,8 +252,8 @@ def check_finding_names(names: Sequence[str]) -> list[str]:
             close = difflib.get_close_matches(name, FINDINGS, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ValueError(f"unknown finding {name!r}{hint}; registered: "
-                             f"{', '.join(FINDINGS)} (findings 3-4 of docs/reproduction.md are "
-                             "not built yet)")
+                             f"{', '.join(FINDINGS)} (finding 3 of docs/reproduction.md is not "
+                             "built yet)")
     if len(set(names)) != len(names):
         raise ValueError(f"findings repeat: {names}")
     return names
@@ -254,16 +275,18 @@ class RunSpec:
         return f"{self.finding}-{self.cell}-seed{self.seed}"
 
 
+ASSETS = ("chain", "chain_2x256", "chain_4x256")
+"""Asset sets a cell can name: :class:`~nemo_opd.demo.chain.ChainSumTask` with finding 2's
+teacher and a student of ``nemo_opd.demo.teacher.CHAIN_STUDENTS`` (``chain``: the shipped weak
+2 × 128 one; the others are trained on first use, minutes)."""
+
+
 def _asset_configs(name: str):
     from nemo_opd.demo.chain import ChainSumTask
-    from nemo_opd.demo.teacher import CHAIN_STUDENT, CHAIN_TEACHER
+    from nemo_opd.demo.teacher import CHAIN_STUDENTS, CHAIN_TEACHER
 
-    return {"chain": (ChainSumTask(), CHAIN_TEACHER, CHAIN_STUDENT)}[name]
-
-
-ASSETS = ("chain",)
-"""Asset sets a finding can name: ``chain`` = :class:`~nemo_opd.demo.chain.ChainSumTask` with
-finding 2's teacher and weak student (``nemo_opd.demo.teacher.CHAIN_*``)."""
+    size = name.removeprefix("chain").lstrip("_") or "2x128"
+    return ChainSumTask(), CHAIN_TEACHER, CHAIN_STUDENTS[size]
 
 
 def asset_root(name: str, output_root: str) -> Path:
@@ -274,11 +297,17 @@ def asset_root(name: str, output_root: str) -> Path:
     return demo_root(Path(output_root) / "assets", *_asset_configs(name))
 
 
-def prepare_assets(names: Sequence[str], output_root: str) -> list[Path]:
-    """Build (or find cached) the asset sets the findings ``names`` use; returns their roots."""
+def _cells(finding: Finding, preset: Preset) -> list[Cell]:
+    return ([finding.cell(c) for c in finding.quick_cells] if preset.quick
+            else list(finding.cells))
+
+
+def prepare_assets(names: Sequence[str], preset: Preset, output_root: str) -> list[Path]:
+    """Build (or find cached) the asset sets the cells of ``preset`` use; returns their roots."""
     from nemo_opd.demo.assets import prepare_demo
 
-    sets = sorted({FINDINGS[n].assets for n in check_finding_names(names)} - {""})
+    sets = sorted({c.assets for n in check_finding_names(names)
+                   for c in _cells(FINDINGS[n], preset)} - {""})
     return [prepare_demo(Path(output_root) / "assets", *_asset_configs(s)).root for s in sets]
 
 
@@ -286,20 +315,21 @@ def plan_runs(names: Sequence[str], preset: Preset, output_root: str,
               extra_overrides: Sequence[str] = ()) -> list[RunSpec]:
     """Every (finding, cell, seed) run of ``preset``, in that order; outputs under
     ``<output_root>/<finding>/<cell>/seed<k>``, asset sets under ``<output_root>/assets``, the
-    teacher / PTQ evaluations a finding's runs share under ``<output_root>/<finding>/baselines``
-    (the teacher is evaluated once per finding)."""
-    runs = []
+    teacher / PTQ evaluations the runs share under ``<output_root>/baselines`` (records keyed by
+    what they depend on: a teacher is evaluated once). A run identical to an earlier one of another
+    finding (finding 4's smallest student is finding 2's) gets that run's directories: it runs
+    once and both findings read it."""
+    runs, first = [], {}
     for name in check_finding_names(names):
         finding = FINDINGS[name]
         steps = finding.steps[preset.name]
-        fill = {"half": steps // 2,
-                "assets": asset_root(finding.assets, output_root) if finding.assets else ""}
-        cells = ([finding.cell(c) for c in finding.quick_cells] if preset.quick
-                 else list(finding.cells))
-        for cell, seed in itertools.product(cells, preset.seeds):
-            out = f"{output_root}/{name}/{cell.name}/seed{seed}"
-            args = ("--factory", "tiny", *(o.format(**fill) for o in cell.overrides),
-                    f"optim.steps={steps}", f"seed={seed}", f"output_dir={out}",
-                    f"baseline_dir={output_root}/{name}/baselines", *extra_overrides)
+        for cell, seed in itertools.product(_cells(finding, preset), preset.seeds):
+            fill = {"half": steps // 2,
+                    "assets": asset_root(cell.assets, output_root) if cell.assets else ""}
+            setting = ("--factory", "tiny", *(o.format(**fill) for o in cell.overrides),
+                       f"optim.steps={steps}", f"seed={seed}")
+            out = first.setdefault(setting, f"{output_root}/{name}/{cell.name}/seed{seed}")
+            args = (*setting, f"output_dir={out}", f"baseline_dir={output_root}/baselines",
+                    *extra_overrides)
             runs.append(RunSpec(name, cell.name, seed, args, out))
     return runs

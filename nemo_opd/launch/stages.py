@@ -213,13 +213,18 @@ def export_trained_student(student: torch.nn.Module | None, cfg: RunConfig, plan
 
 def baseline_fingerprints(cfg: RunConfig, evaluation: EvalPlan) -> dict[str, dict[str, Any]]:
     """What each baseline evaluation depends on, as JSON: the teacher's (``"teacher"``) on the
-    models and the evaluation; the PTQ student's (``"ptq"``) also on the quantization and, when
-    it calibrates, on the calibration batches (data, seed, micro batch size). Greedy evaluation
-    uses no seed, so runs that differ only in seed or training settings share both records."""
+    teacher (its path, or the student's for self-distillation; tokenizer, dtype, layouts) and the
+    evaluation; the PTQ student's (``"ptq"``) on the models, the quantization, the evaluation
+    and, when it calibrates, the calibration batches (data, seed, micro batch size). Greedy
+    evaluation uses no seed, so runs that differ only in seed or training settings share both
+    records, and runs with other students share the teacher's."""
     import json
 
-    teacher = {"model": cfg.model, "evaluation": evaluation}
-    ptq = {**teacher, "quant": cfg.quant}
+    model = cfg.model
+    teacher = {"teacher": model.teacher or model.student, "tokenizer": model.tokenizer_path,
+               "teacher_dtype": model.teacher_dtype, "teacher_parallel": model.teacher_parallel,
+               "student_parallel": model.student_parallel, "evaluation": evaluation}
+    ptq = {"model": model, "quant": cfg.quant, "evaluation": evaluation}
     if cfg.quant.format != "none" and cfg.quant.calibration_batches:
         ptq |= {"data": cfg.data, "seed": cfg.seed,
                 "optim.micro_batch_size": cfg.optim.micro_batch_size}
