@@ -67,7 +67,8 @@ def reproduce_seeds(
     Args:
         preset: "quick" (the harness on a subset, 1 seed) or "full" (docs/reproduction.md).
         findings: registered findings to run (nemo_opd.experiments.findings.FINDINGS):
-            ``quantization`` (finding 1), ``size_gap`` (finding 2), ``gap`` (finding 4).
+            ``quantization`` (finding 1), ``size_gap`` (finding 2), ``sampled_loss`` (finding
+            3), ``gap`` (finding 4).
         overrides: extra recipe overrides for every run (e.g. ``[optim.micro_batch_size=16]``);
             a result made with them is not the protocol's.
         output_root: where runs and the table go (on a cluster: a shared absolute path).

@@ -68,8 +68,16 @@ def test_gap_plan_shares_finding_2s_runs():
     assert f"model.student={asset_root('chain_4x256', '/out')}/student" in \
         by_name["gap-4x256_on-seed2"].args
     assert len({r.output_dir for r in runs}) == 27 + 12
-    alone = plan_runs(["gap"], PRESETS["full"], "/out")
-    assert alone[0].output_dir == "/out/gap/2x128_off/seed0"
+    alone = plan_runs(["gap"], PRESETS["full"], "/out")  # finding 2's runs, asked for or not
+    assert alone[0].output_dir == "/out/size_gap/offpolicy_kd/seed0"
+
+
+def test_sampled_loss_plan():
+    runs = {r.cell: r for r in plan_runs(["size_gap", "sampled_loss"], PRESETS["full"], "/out")
+            if r.seed == 0}
+    assert runs["full_t1"].output_dir == runs["on_policy_gkd"].output_dir  # the same run
+    assert {"distill.loss=sampled", "sampling.temperature=0.3"} <= set(runs["sampled_t0.3"].args)
+    assert "distill.loss=sampled" not in runs["full_t1"].args
 
 
 def test_size_gap_verdicts(tmp_path):
@@ -158,61 +166,32 @@ def test_recipe_refuses_bad_input_before_any_run(tmp_path):
 
 
 def test_quick_preset_end_to_end(tmp_path):
-    """The quick grid of every finding with 3 steps per run and 50 eval problems: all runs,
-    the chain assets copied from the shipped models, the probe's estimate, the table."""
+    """The quick grid of every finding with 3 steps per run and 50 eval problems: the chain
+    assets copied from the shipped models, the run finding 2 and finding 4 share run once, the
+    probe's estimate, the table."""
     overrides = "overrides=[optim.steps=3,evaluation.limit=50]"
     done = _recipe(overrides, f"output_root={tmp_path}", timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "the grid (4 runs) needs" in done.stdout
+    assert "the grid (6 runs) needs" in done.stdout
     results = json.loads((tmp_path / "results.json").read_text())
-    assert set(results["quantization"]["cells"]) == {"int4_lambda0_beta1", "int4_lambda1_beta1"}
-    assert set(results["size_gap"]["cells"]) == {"on_policy_gkd", "hybrid"}
+    assert {name: set(report["cells"]) for name, report in results.items()} == {
+        "quantization": {"int4_lambda0_beta1", "int4_lambda1_beta1"},
+        "size_gap": {"on_policy_gkd", "hybrid"}, "sampled_loss": {"sampled_t0.3"},
+        "gap": {"2x128_off", "2x128_on"}}
+    assert results["gap"]["cells"]["2x128_on"] == results["size_gap"]["cells"]["on_policy_gkd"]
     for report in results.values():
         for cell in report["cells"].values():
             assert cell["score"]["n"] == 1 and 0 <= cell["score"]["mean"] <= 1
         judged = [c for c in report["claims"] if c["verdict"] != "not run"]
-        assert judged and all(c["verdict"] == "inconclusive" for c in judged)  # one seed
+        assert all(c["verdict"] == "inconclusive" for c in judged)  # one seed
+    assert results["sampled_loss"]["cells"]["sampled_t0.3"]["seconds_per_step"]["mean"] > 0
     for run in ("quantization/int4_lambda1_beta1", "size_gap/hybrid"):
         steps = [json.loads(line)["step"] for line in
                  (tmp_path / run / "seed0/metrics.jsonl").read_text().splitlines()
                  if '"step"' in line]
         assert max(steps) == 3
+    # one teacher record for the chain task's runs, one PTQ record per untrained student
+    assert len(list((tmp_path / "baselines").glob("eval_teacher-*.json"))) == 2  # demo, chain
     # rerun: everything is done, nothing runs again
     again = _recipe(overrides, f"output_root={tmp_path}", "--dryrun", timeout=300)
-    assert again.stdout.count("[done]") == 4
-
-
-def test_runs_share_the_baselines_their_seed_does_not_change(tmp_path):
-    """With a shared baseline_dir, runs that differ in seed, training settings or student find
-    one teacher record and, when the student is not calibrated, runs of one student one PTQ
-    record; a calibrated PTQ record depends on the seed (its calibration batches)."""
-    import dataclasses
-
-    from nemo_opd.config import DataConfig, ModelConfig, OptimConfig, QuantConfig, RunConfig
-    from nemo_opd.launch.plans import EvalPlan
-    from nemo_opd.launch.stages import baseline_fingerprints, baseline_path
-
-    def paths(cfg: RunConfig, baseline_dir: str = str(tmp_path)) -> dict[str, Path]:
-        return {role: baseline_path(tmp_path / "out", baseline_dir, role, fp)
-                for role, fp in baseline_fingerprints(cfg, EvalPlan(tasks=())).items()}
-
-    base = RunConfig(model=ModelConfig(student="/s", teacher="/t", tokenizer="/t"),
-                     data=DataConfig(train_files=("/d.jsonl",)), quant=QuantConfig(format="int4"))
-    other_seed = dataclasses.replace(base, seed=7, optim=OptimConfig(lr=1e-3))
-    assert paths(other_seed)["teacher"] == paths(base)["teacher"]
-    assert paths(other_seed)["ptq"] != paths(base)["ptq"]
-    uncalibrated = dataclasses.replace(base, quant=QuantConfig(format="none",
-                                                               calibration_batches=0))
-    assert paths(dataclasses.replace(uncalibrated, seed=7))["ptq"] == paths(uncalibrated)["ptq"]
-    assert paths(uncalibrated)["ptq"] != paths(base)["ptq"]
-    other_student = dataclasses.replace(base, model=ModelConfig(student="/s2", teacher="/t",
-                                                                tokenizer="/t"))
-    assert paths(other_student)["teacher"] == paths(base)["teacher"]
-    assert paths(other_student)["ptq"] != paths(base)["ptq"]
-    assert paths(dataclasses.replace(base, model=ModelConfig(student="/s", teacher="/t2",
-                                                             tokenizer="/t"))
-                 )["teacher"] != paths(base)["teacher"]
-    assert paths(base, "") == {"teacher": tmp_path / "out" / "eval_teacher.json",
-                               "ptq": tmp_path / "out" / "eval_ptq.json"}
-    assert all(p.parent == tmp_path and p.name.startswith(f"eval_{r}-")
-               for r, p in paths(base).items())
+    assert again.stdout.count("[done]") == 6 and again.stdout.count("[shared]") == 1

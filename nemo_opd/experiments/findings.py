@@ -9,9 +9,10 @@ and a preset into the list of runs, each the recipe command a user could type.
 
 Registered so far: finding 1 (``quantization``, seeds 000–002) on the demo's own assets, and
 finding 2 (``size_gap``, seed 004) on the chain-sum task's teacher and weak student
-(:mod:`nemo_opd.demo.chain`; shipped, or trained on first use by :func:`prepare_assets`), and
-finding 4's gap sweep (``gap``: three student sizes, on- vs off-policy). Finding 3 is not built
-yet (``docs/reproduction.md``).
+(:mod:`nemo_opd.demo.chain`; shipped, or trained on first use by :func:`prepare_assets`),
+finding 3's loss and temperature cells (``sampled_loss``, seed 003; its self-distillation part
+is not built yet) and finding 4's gap sweep (``gap``: three student sizes, on- vs off-policy)
+(``docs/reproduction.md``).
 """
 
 from __future__ import annotations
@@ -25,12 +26,14 @@ from pathlib import Path
 __all__ = ["Cell", "Claim", "FINDINGS", "Finding", "PRESETS", "Preset", "RunSpec",
            "asset_root", "check_finding_names", "plan_runs", "prepare_assets"]
 
-METRICS = ("score", "gap_recovered", "gain", "relative")
+METRICS = ("score", "gap_recovered", "gain", "relative", "seconds_per_step")
 """Per-run values: the trained student's ``score``; ``gap_recovered`` = (score − start) /
 (teacher − start); ``gain`` = score − start; ``relative`` = score / start, where start is the
-untrained (PTQ, or for ``quant.format=none`` the initial) student's score."""
+untrained (PTQ, or for ``quant.format=none`` the initial) student's score; ``seconds_per_step``
+the median training step's wall time (``metrics.jsonl``)."""
 METRIC_LABELS = {"score": "score", "gap_recovered": "PTQ gap recovered",
-                 "gain": "gain over start", "relative": "score / start"}
+                 "gain": "gain over start", "relative": "score / start",
+                 "seconds_per_step": "s / step (median)"}
 RULES = ("difference", "change", "at_least", "at_most")
 
 
@@ -219,6 +222,29 @@ def _size_gap() -> Finding:
         steps={"quick": 8, "full": 60}, columns=("score", "gain", "relative"))
 
 
+def _sampled_loss() -> Finding:
+    gkd = (*_CHAIN_RUN, *_ON_POLICY["on_policy_gkd"][1])  # finding 2's on_policy_gkd runs
+    variants = {"full_t1": ("full-vocabulary reverse KL, T=1", ()),
+                "sampled_t1": ("sampled-token reverse KL, T=1", ("distill.loss=sampled",)),
+                "sampled_t0.3": ("sampled-token reverse KL, T=0.3", (
+                    "distill.loss=sampled", "sampling.temperature=0.3")),
+                "sampled_t0": ("sampled-token reverse KL, T=0 (greedy)", (
+                    "distill.loss=sampled", "sampling.temperature=0.0"))}
+    cells = tuple(Cell(name=name, label=label, overrides=(*gkd, *extra), assets="chain")
+                  for name, (label, extra) in variants.items())
+    claims = (Claim("3a", "at equal steps the sampled-token loss trains as well as the full one",
+                    "difference", "sampled_t1", "full_t1", direction="none"),
+              Claim("3b", "sampling at T=0.3 beats greedy rollouts (T=0)", "difference",
+                    "sampled_t0.3", "sampled_t0", direction="greater"))
+    return Finding(
+        name="sampled_loss", seeds="003",
+        summary="on_policy_gkd on finding 2's task and weak student: the sampled-token reverse "
+                "KL (k = 1, importance-sampled) against the full-vocabulary one, and the "
+                "rollout temperature",
+        cells=cells, claims=claims, quick_cells=("sampled_t0.3",),
+        steps={"quick": 8, "full": 60}, columns=("score", "gain", "seconds_per_step"))
+
+
 def _gap() -> Finding:
     sizes = ("2x128", "2x256", "4x256")
     modes = {"off": _OFF_POLICY["offpolicy_kd"], "on": _ON_POLICY["on_policy_gkd"]}
@@ -238,7 +264,7 @@ def _gap() -> Finding:
         steps={"quick": 8, "full": 60}, columns=("score", "gain"))
 
 
-FINDINGS = {f.name: f for f in (_quantization(), _size_gap(), _gap())}
+FINDINGS = {f.name: f for f in (_quantization(), _size_gap(), _sampled_loss(), _gap())}
 """Registered findings by name."""
 
 
@@ -252,8 +278,7 @@ def check_finding_names(names: Sequence[str]) -> list[str]:
             close = difflib.get_close_matches(name, FINDINGS, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ValueError(f"unknown finding {name!r}{hint}; registered: "
-                             f"{', '.join(FINDINGS)} (finding 3 of docs/reproduction.md is not "
-                             "built yet)")
+                             f"{', '.join(FINDINGS)}")
     if len(set(names)) != len(names):
         raise ValueError(f"findings repeat: {names}")
     return names
@@ -311,25 +336,35 @@ def prepare_assets(names: Sequence[str], preset: Preset, output_root: str) -> li
     return [prepare_demo(Path(output_root) / "assets", *_asset_configs(s)).root for s in sets]
 
 
+def _settings(finding: Finding, preset: Preset, output_root: str
+              ) -> list[tuple[Cell, int, tuple[str, ...]]]:
+    """``(cell, seed, recipe arguments without output and baseline dirs)`` of each run."""
+    steps = finding.steps[preset.name]
+    out = []
+    for cell, seed in itertools.product(_cells(finding, preset), preset.seeds):
+        fill = {"half": steps // 2,
+                "assets": asset_root(cell.assets, output_root) if cell.assets else ""}
+        out.append((cell, seed, ("--factory", "tiny", *(o.format(**fill) for o in cell.overrides),
+                                 f"optim.steps={steps}", f"seed={seed}")))
+    return out
+
+
 def plan_runs(names: Sequence[str], preset: Preset, output_root: str,
               extra_overrides: Sequence[str] = ()) -> list[RunSpec]:
     """Every (finding, cell, seed) run of ``preset``, in that order; outputs under
     ``<output_root>/<finding>/<cell>/seed<k>``, asset sets under ``<output_root>/assets``, the
     teacher / PTQ evaluations the runs share under ``<output_root>/baselines`` (records keyed by
-    what they depend on: a teacher is evaluated once). A run identical to an earlier one of another
-    finding (finding 4's smallest student is finding 2's) gets that run's directories: it runs
-    once and both findings read it."""
-    runs, first = [], {}
+    what they depend on: a teacher is evaluated once). A run identical to one of a finding
+    registered earlier (finding 4's smallest student is finding 2's) has that finding's
+    directory, whichever findings are asked for: it runs once and both read it."""
+    home: dict[tuple[str, ...], str] = {}
+    for name, finding in FINDINGS.items():
+        for cell, seed, setting in _settings(finding, preset, output_root):
+            home.setdefault(setting, f"{output_root}/{name}/{cell.name}/seed{seed}")
+    runs = []
     for name in check_finding_names(names):
-        finding = FINDINGS[name]
-        steps = finding.steps[preset.name]
-        for cell, seed in itertools.product(_cells(finding, preset), preset.seeds):
-            fill = {"half": steps // 2,
-                    "assets": asset_root(cell.assets, output_root) if cell.assets else ""}
-            setting = ("--factory", "tiny", *(o.format(**fill) for o in cell.overrides),
-                       f"optim.steps={steps}", f"seed={seed}")
-            out = first.setdefault(setting, f"{output_root}/{name}/{cell.name}/seed{seed}")
-            args = (*setting, f"output_dir={out}", f"baseline_dir={output_root}/baselines",
-                    *extra_overrides)
-            runs.append(RunSpec(name, cell.name, seed, args, out))
+        for cell, seed, setting in _settings(FINDINGS[name], preset, output_root):
+            args = (*setting, f"output_dir={home[setting]}",
+                    f"baseline_dir={output_root}/baselines", *extra_overrides)
+            runs.append(RunSpec(name, cell.name, seed, args, home[setting]))
     return runs

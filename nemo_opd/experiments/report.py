@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -50,8 +51,12 @@ def _run_values(path: Path) -> dict[str, float]:
                          f"found {len(students)} and {len(starts)}")
     score, start = float(students[0]["average"]), float(starts[0]["average"])
     gap = students[0].get("gap_recovered")
+    step_seconds = [json.loads(line).get("step_seconds") for line in
+                    (path.parent / "metrics.jsonl").read_text().splitlines()
+                    if '"step_seconds"' in line] if (path.parent / "metrics.jsonl").is_file() else []
     return {"score": score, "gap_recovered": math.nan if gap is None else float(gap),
-            "gain": score - start, "relative": score / start if start else math.nan}
+            "gain": score - start, "relative": score / start if start else math.nan,
+            "seconds_per_step": statistics.median(step_seconds) if step_seconds else math.nan}
 
 
 def collect(runs: Sequence[RunSpec]) -> tuple[Scores, list[str]]:
