@@ -101,7 +101,8 @@ def reproduce_seeds(
         per_run = time.perf_counter() - started
         estimate = per_run * len(todo) / 60
         print(f"first run: {per_run:.0f} s; the grid ({len(todo)} runs) needs ~{estimate:.0f} "
-              f"min (budget of '{preset}': {settings.budget_minutes:g} min)")
+              f"min (budget of '{preset}': {settings.budget_minutes:g} min; an upper bound "
+              "where later runs reuse the teacher / PTQ evaluations the first one made)")
         if estimate > settings.budget_minutes:
             print(f"WARNING: the grid does not fit the '{preset}' budget: ~{estimate:.0f} min > "
                   f"{settings.budget_minutes:g} min; lower the steps uniformly (and say so in "
