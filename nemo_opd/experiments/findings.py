@@ -26,14 +26,16 @@ from pathlib import Path
 __all__ = ["Cell", "Claim", "FINDINGS", "Finding", "PRESETS", "Preset", "RunSpec",
            "asset_root", "check_finding_names", "plan_runs", "prepare_assets"]
 
-METRICS = ("score", "gap_recovered", "gain", "relative", "seconds_per_step")
+METRICS = ("score", "gap_recovered", "gain", "relative", "seconds_per_step", "start", "teacher")
 """Per-run values: the trained student's ``score``; ``gap_recovered`` = (score − start) /
 (teacher − start); ``gain`` = score − start; ``relative`` = score / start, where start is the
 untrained (PTQ, or for ``quant.format=none`` the initial) student's score; ``seconds_per_step``
-the median training step's wall time (``metrics.jsonl``)."""
+the median training step's wall time (``metrics.jsonl``); ``start`` and ``teacher`` the two
+baselines' scores (the figure's reference lines)."""
 METRIC_LABELS = {"score": "score", "gap_recovered": "PTQ gap recovered",
                  "gain": "gain over start", "relative": "score / start",
-                 "seconds_per_step": "s / step (median)"}
+                 "seconds_per_step": "s / step (median)", "start": "start",
+                 "teacher": "teacher"}
 RULES = ("difference", "change", "at_least", "at_most")
 
 

@@ -49,6 +49,7 @@ def _run_values(path: Path) -> dict[str, float]:
     if len(students) != 1 or len(starts) != 1:
         raise ValueError(f"{path}: expected one trained-student row and one start (PTQ) row, "
                          f"found {len(students)} and {len(starts)}")
+    teachers = [r for r in rows if r["role"] == "teacher"]
     score, start = float(students[0]["average"]), float(starts[0]["average"])
     gap = students[0].get("gap_recovered")
     step_seconds = [json.loads(line).get("step_seconds") for line in
@@ -56,7 +57,9 @@ def _run_values(path: Path) -> dict[str, float]:
                     if '"step_seconds"' in line] if (path.parent / "metrics.jsonl").is_file() else []
     return {"score": score, "gap_recovered": math.nan if gap is None else float(gap),
             "gain": score - start, "relative": score / start if start else math.nan,
-            "seconds_per_step": statistics.median(step_seconds) if step_seconds else math.nan}
+            "seconds_per_step": statistics.median(step_seconds) if step_seconds else math.nan,
+            "start": start,
+            "teacher": float(teachers[0]["average"]) if teachers else math.nan}
 
 
 def collect(runs: Sequence[RunSpec]) -> tuple[Scores, list[str]]:
@@ -161,8 +164,18 @@ def _figure(report: dict[str, Any], path: Path, title: str) -> None:
             ax.text(i, mean, f"{mean:.3f}\nn={est['n']}", ha="center", va="bottom", fontsize=7)
         ax.set_xticks(range(len(cells)), [finding["labels"][c] for c in cells], rotation=30,
                       ha="right", fontsize=8)
-        low = min(m - e for m, e in zip(means, errs, strict=True))
-        ax.set_ylim(max(0.0, low - 0.05), min(1.0, max(means) + 0.08))
+        references = {}
+        for metric, style in (("teacher", "--"), ("start", ":")):
+            values = [finding["cells"][c][metric]["mean"] for c in cells
+                      if finding["cells"][c].get(metric)]
+            if values and all(math.isfinite(v) for v in values):
+                references[metric] = sum(values) / len(values)
+                ax.axhline(references[metric], ls=style, color="gray", lw=1,
+                           label=f"{metric} {references[metric]:.3f}")
+        if references:
+            ax.legend(loc="lower right", fontsize=7)
+        low = min([m - e for m, e in zip(means, errs, strict=True)] + list(references.values()))
+        ax.set_ylim(max(0.0, low - 0.05), min(1.02, max(means + list(references.values())) + 0.08))
         ax.set_ylabel("score (mean ± 95 % CI)")
         ax.set_title(f"{name} (seeds {finding['seeds']})", fontsize=10)
     fig.suptitle(title)
