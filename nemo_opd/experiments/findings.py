@@ -38,6 +38,11 @@ METRIC_LABELS = {"score": "score", "gap_recovered": "PTQ gap recovered",
                  "teacher": "teacher"}
 RULES = ("difference", "change", "at_least", "at_most")
 
+ASSETS = ("chain", "chain_2x256", "chain_4x256")
+"""Asset sets a cell can name: :class:`~nemo_opd.demo.chain.ChainSumTask` with finding 2's
+teacher and a student of ``nemo_opd.demo.teacher.CHAIN_STUDENTS`` (``chain``: the shipped weak
+2 × 128 one; the others are trained on first use, minutes)."""
+
 
 @dataclasses.dataclass(frozen=True)
 class Cell:
@@ -108,6 +113,9 @@ class Finding:
         names = [c.name for c in self.cells]
         if len(set(names)) != len(names):
             raise ValueError(f"finding {self.name}: cell names repeat")
+        if {c.assets for c in self.cells} - {"", *ASSETS}:
+            raise ValueError(f"finding {self.name}: cells name unknown asset sets; known: "
+                             f"{', '.join(ASSETS)}")
         unknown = {n for claim in self.claims for n in claim.cells} | set(self.quick_cells)
         if unknown - set(names):
             raise ValueError(f"finding {self.name}: claims or quick_cells name unknown cells "
@@ -300,12 +308,6 @@ class RunSpec:
     @property
     def name(self) -> str:
         return f"{self.finding}-{self.cell}-seed{self.seed}"
-
-
-ASSETS = ("chain", "chain_2x256", "chain_4x256")
-"""Asset sets a cell can name: :class:`~nemo_opd.demo.chain.ChainSumTask` with finding 2's
-teacher and a student of ``nemo_opd.demo.teacher.CHAIN_STUDENTS`` (``chain``: the shipped weak
-2 × 128 one; the others are trained on first use, minutes)."""
 
 
 def _asset_configs(name: str):
