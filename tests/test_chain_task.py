@@ -50,7 +50,8 @@ def test_solutions_are_the_running_totals_and_the_split_is_disjoint(tmp_path):
     assert len(prompts) == 300 and not prompts & {r["question"] for r in evals}
     assert SMALL.train_records() == train
     assert dataclasses.replace(SMALL, seed=4).train_records() != train
-    assert ChainSumTask().solution((12, 7, 30, 5, 44)) == "012+07=019 019+30=049 049+05=054 054+44=098"
+    assert ChainSumTask().solution((12, 7, 30, 5, 44)) == (
+        "012+07=019 019+30=049 049+05=054 054+44=098")
     # The consumers' validator accepts the eval file.
     from nemo_opd.demo.task import write_jsonl
 

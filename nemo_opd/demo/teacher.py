@@ -26,8 +26,9 @@ from nemo_opd.demo.chain import ChainSumTask
 from nemo_opd.demo.task import AdditionTask, make_task_tokenizer
 from nemo_opd.models.tiny import TinyModelSpec, make_tiny_hf_model
 
-__all__ = ["CHAIN_STUDENT", "CHAIN_STUDENTS", "CHAIN_TEACHER", "MODELS", "TRAINER_VERSION", "TeacherConfig",
-           "TeacherRun", "add_outlier_channels", "outlier_channel_ids", "train_teacher", "main"]
+__all__ = ["CHAIN_STUDENT", "CHAIN_STUDENTS", "CHAIN_TEACHER", "MODELS", "TRAINER_VERSION",
+           "TeacherConfig", "TeacherRun", "add_outlier_channels", "outlier_channel_ids",
+           "train_teacher", "main"]
 
 logger = logging.getLogger(__name__)
 

@@ -52,9 +52,10 @@ def _run_values(path: Path) -> dict[str, float]:
     teachers = [r for r in rows if r["role"] == "teacher"]
     score, start = float(students[0]["average"]), float(starts[0]["average"])
     gap = students[0].get("gap_recovered")
-    step_seconds = [json.loads(line).get("step_seconds") for line in
-                    (path.parent / "metrics.jsonl").read_text().splitlines()
-                    if '"step_seconds"' in line] if (path.parent / "metrics.jsonl").is_file() else []
+    metrics = path.parent / "metrics.jsonl"
+    step_seconds = [json.loads(line)["step_seconds"] for line in
+                    (metrics.read_text().splitlines() if metrics.is_file() else [])
+                    if '"step_seconds"' in line]
     return {"score": score, "gap_recovered": math.nan if gap is None else float(gap),
             "gain": score - start, "relative": score / start if start else math.nan,
             "seconds_per_step": statistics.median(step_seconds) if step_seconds else math.nan,
