@@ -69,16 +69,16 @@ def test_fixed_widths_one_token_per_character():
     assert prompt_len == 15 and ids.shape == (64, 15 + 44 + 1)
 
 
-def test_generation_budget_fits_the_longest_answer(tmp_path):
-    """A fixed 32-token budget would cut every 43-character solution and score it wrong."""
-    from nemo_opd.demo.task import write_jsonl
-    from nemo_opd.eval.tasks import LocalTask
+def test_generation_budget_fits_the_solution():
+    """The runs' budget (``evaluation.max_gen_toks``) is exactly a whole solution's tokens (the
+    space before it included): the generation ends there or at an earlier EOS / newline."""
+    from nemo_opd.experiments.findings import FINDINGS
 
-    path = write_jsonl(tmp_path / "g.jsonl", ChainSumTask().eval_records()["chain_gen"][:5])
-    assert LocalTask.from_file("g", path).max_gen_toks == 44
-    assert LocalTask.from_file("g", path, max_gen_toks=7).max_gen_toks == 7
-    short = write_jsonl(tmp_path / "s.jsonl", [{"question": "1+1=", "answer": "2"}])
-    assert LocalTask.from_file("s", short).max_gen_toks == 32
+    tok = make_task_tokenizer()
+    answer = ChainSumTask().eval_records()["chain_gen"][0]["answer"]
+    needed = len(tok(" " + answer, add_special_tokens=False)["input_ids"])
+    for cell in FINDINGS["size_gap"].cells:
+        assert f"evaluation.max_gen_toks={needed}" in cell.overrides
 
 
 @pytest.mark.parametrize("kwargs, message", [

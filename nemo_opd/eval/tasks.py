@@ -115,19 +115,10 @@ class LocalTask:
 
     @classmethod
     def from_file(cls, name: str, path: str | Path, **kwargs: Any) -> LocalTask:
-        """A local task whose kind is read from the first record's keys.
-
-        A ``generate`` task without an explicit ``max_gen_toks`` gets a budget that fits its
-        longest answer: the answer's UTF-8 bytes plus one for the space before it (no byte-level
-        or byte-fallback tokenizer makes more tokens than bytes), at least the default 32. A
-        fixed 32 would cut longer answers and score them wrong without a word.
-        """
+        """A local task whose kind is read from the first record's keys."""
         path = Path(path)
-        records = [record for _, record in _records(path)]
-        kind = "multiple_choice" if "choices" in records[0] else "generate"
-        if kind == "generate" and "max_gen_toks" not in kwargs:
-            longest = max(len(str(r.get("answer", "")).encode()) for r in records)
-            kwargs["max_gen_toks"] = max(cls.max_gen_toks, longest + 1)
+        first = _records(path)[0][1]
+        kind = "multiple_choice" if "choices" in first else "generate"
         return cls(name, path, kind, **kwargs)
 
     def validate(self) -> int:

@@ -183,7 +183,7 @@ def _quantization() -> Finding:
 _CHAIN_RUN = (
     "model.student={assets}/student", "model.teacher={assets}/teacher",
     "model.tokenizer={assets}/teacher", "data.train_files=[{assets}/train.jsonl]",
-    "evaluation.local_tasks=[chain_gen={assets}/chain_gen.jsonl]",
+    "evaluation.local_tasks=[chain_gen={assets}/chain_gen.jsonl]", "evaluation.max_gen_toks=44",
     # 15 prompt tokens, 44 solution tokens + EOS; a full-precision student, nothing to export.
     "data.max_prompt_length=16", "data.max_response_length=48", "sampling.max_new_tokens=48",
     "quant.format=none", "quant.calibration_batches=0", "export.enabled=false",

@@ -31,6 +31,9 @@ class EvalPlan:
     """Few-shot examples per prompt; None = each task's default."""
     batch_size: int = 8
     """Requests per forward pass."""
+    max_gen_toks: int = 32
+    """Generation budget in tokens of the local generative tasks (an answer longer than this
+    can never match)."""
 
     def __post_init__(self) -> None:
         for field in ("tasks", "local_tasks"):
@@ -51,8 +54,10 @@ class EvalPlan:
                                              or self.num_fewshot < 0):
             raise ValueError(f"EvalPlan.num_fewshot must be None or an int >= 0, "
                              f"got {self.num_fewshot!r}")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"EvalPlan.batch_size must be an int >= 1, got {self.batch_size!r}")
+        for field in ("batch_size", "max_gen_toks"):
+            if not isinstance(getattr(self, field), int) or getattr(self, field) < 1:
+                raise ValueError(f"EvalPlan.{field} must be an int >= 1, "
+                                 f"got {getattr(self, field)!r}")
 
     @property
     def local_task_files(self) -> dict[str, str]:

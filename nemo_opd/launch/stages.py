@@ -131,9 +131,10 @@ def evaluator(plan: EvalPlan, tokenizer: Any) -> Evaluate:
     from nemo_opd.eval.lm import LMConfig
 
     lm_config = LMConfig(batch_size=plan.batch_size)
+    local_tasks = _local_tasks(plan)
 
     def evaluate(model: Any, *, run_name: str, role: str | None) -> dict[str, Any]:
-        return evaluate_model(model, plan.tasks, local_tasks=plan.local_task_files,
+        return evaluate_model(model, plan.tasks, local_tasks=local_tasks,
                               tokenizer=tokenizer, lm_config=lm_config,
                               data_dir=plan.data_dir or None, limit=plan.limit,
                               num_fewshot=plan.num_fewshot, run_name=run_name, role=role)
@@ -305,10 +306,18 @@ def _export_dtype(export_dir: Path) -> str:
     return str(config.get("torch_dtype") or config.get("dtype") or "bfloat16")
 
 
+def _local_tasks(plan: EvalPlan) -> dict[str, Any]:
+    """The plan's local tasks, generative ones with its generation budget."""
+    from nemo_opd.eval.tasks import LocalTask
+
+    return {name: LocalTask.from_file(name, path, max_gen_toks=plan.max_gen_toks)
+            for name, path in plan.local_task_files.items()}
+
+
 def _evaluate_lm(lm: Any, plan: EvalPlan, *, run_name: str) -> dict[str, Any]:
     from nemo_opd.eval.evaluate import evaluate_model
 
-    return evaluate_model(lm, plan.tasks, local_tasks=plan.local_task_files,
+    return evaluate_model(lm, plan.tasks, local_tasks=_local_tasks(plan),
                           data_dir=plan.data_dir or None, limit=plan.limit,
                           num_fewshot=plan.num_fewshot, run_name=run_name, role="student")
 
