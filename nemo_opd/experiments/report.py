@@ -165,22 +165,27 @@ def _figure(report: dict[str, Any], path: Path, title: str) -> None:
             ax.text(i, mean, f"{mean:.3f}\nn={est['n']}", ha="center", va="bottom", fontsize=7)
         ax.set_xticks(range(len(cells)), [finding["labels"][c] for c in cells], rotation=30,
                       ha="right", fontsize=8)
-        references = {}
+        references = []
         for metric, style in (("teacher", "--"), ("start", ":")):
-            values = [finding["cells"][c][metric]["mean"] for c in cells
-                      if finding["cells"][c].get(metric)]
-            if values and all(math.isfinite(v) for v in values):
-                references[metric] = sum(values) / len(values)
-                ax.axhline(references[metric], ls=style, color="gray", lw=1,
-                           label=f"{metric} {references[metric]:.3f}")
+            values = [(finding["cells"][c].get(metric) or {}).get("mean", math.nan)
+                      for c in cells]
+            if not all(math.isfinite(v) for v in values):
+                continue
+            references += values
+            if max(values) - min(values) < 1e-9:  # one baseline for every cell: a line
+                ax.axhline(values[0], ls=style, color="gray", lw=1,
+                           label=f"{metric} {values[0]:.3f}")
+            else:  # cells with different baselines (students, formats): a mark per bar
+                ax.scatter(range(len(cells)), values, marker="_", s=600, color="gray",
+                           zorder=3, label=metric)
         if references:
             ax.legend(loc="lower right", fontsize=7)
-        low = min([m - e for m, e in zip(means, errs, strict=True)] + list(references.values()))
-        ax.set_ylim(max(0.0, low - 0.05), min(1.02, max(means + list(references.values())) + 0.08))
+        low = min([m - e for m, e in zip(means, errs, strict=True)] + references)
+        ax.set_ylim(max(0.0, low - 0.05), min(1.02, max(means + references) + 0.08))
         ax.set_ylabel("score (mean ± 95 % CI)")
         ax.set_title(f"{name} (seeds {finding['seeds']})", fontsize=10)
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
