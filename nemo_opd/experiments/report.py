@@ -1,10 +1,11 @@
 """Tabulate a reproduction grid: per-cell estimates over seeds, a verdict per claim.
 
 Each run of :func:`~nemo_opd.experiments.findings.plan_runs` wrote the recipe's
-``results.json``; :func:`collect` reads the student's score (the megatron fake-quant row's
-average) and its PTQ gap recovered from each, :func:`judge` turns them into
-:class:`~nemo_opd.experiments.stats.Estimate` s and verdicts, and :func:`write_reproduction`
-writes ``results.json``, ``results.md`` and ``results.png``.
+``results.json`` and ``metrics.jsonl``; :func:`collect` reads each run's
+:data:`~nemo_opd.experiments.findings.METRICS` (the trained student's score, i.e. the megatron
+row's average; its start, gain and gap recovered; the teacher's score; the median step time),
+:func:`judge` turns them into :class:`~nemo_opd.experiments.stats.Estimate` s and verdicts, and
+:func:`write_reproduction` writes ``results.json``, ``results.md`` and ``results.png``.
 """
 
 from __future__ import annotations
@@ -94,19 +95,18 @@ def _judge_claim(claim: Claim, cells: dict[str, dict[str, list[float]]]) -> dict
         est = difference(a, b)
         verdict = judge_difference(est, claim.direction, MARGIN)
         out["claim"] = f"{claim.a} − {claim.b}: {claim.direction}"
-    elif claim.rule == "change":
+    else:  # one cell's values: against 0 ("change") or a level
         est = _estimate(cells[claim.a][claim.metric])
         if est is None:
             return {**out, "verdict": "inconclusive", "estimate": None}
-        verdict = judge_difference(est, claim.direction, MARGIN)
-        out["claim"] = f"{claim.metric} of {claim.a}: {claim.direction}"
-    else:
-        est = _estimate(cells[claim.a][claim.metric])
-        if est is None:
-            return {**out, "verdict": "inconclusive", "estimate": None}
-        judge = judge_at_least if claim.rule == "at_least" else judge_at_most
-        verdict = judge(est, claim.level)
-        out["claim"] = f"{claim.metric} {'≥' if claim.rule == 'at_least' else '≤'} {claim.level:g}"
+        if claim.rule == "change":
+            verdict = judge_difference(est, claim.direction, MARGIN)
+            out["claim"] = f"{claim.metric} of {claim.a}: {claim.direction}"
+        else:
+            judge = judge_at_least if claim.rule == "at_least" else judge_at_most
+            verdict = judge(est, claim.level)
+            out["claim"] = (f"{claim.metric} {'≥' if claim.rule == 'at_least' else '≤'} "
+                            f"{claim.level:g}")
     return {**out, "verdict": verdict, "estimate": est.__dict__, "text_estimate": est.text()}
 
 
