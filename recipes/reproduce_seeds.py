@@ -1,7 +1,7 @@
 """Reproduce the seed findings in miniature: a grid of recipe runs, several seeds, one verdict per
 claim (protocol and results: docs/reproduction.md).
 
-    nemo run recipes/reproduce_seeds.py                      # quick: the harness, 1 seed, ~3 min
+    nemo run recipes/reproduce_seeds.py                      # quick: every finding, 1 seed, ~6 min
     nemo run recipes/reproduce_seeds.py --factory full       # the protocol: 3 seeds, <= 60 min
     nemo run recipes/reproduce_seeds.py --factory full --dryrun   # one line per run
     nemo run recipes/reproduce_seeds.py report_only=true     # tabulate finished runs only
