@@ -169,7 +169,7 @@ def test_quick_preset_end_to_end(tmp_path):
     """The quick grid of every finding with 3 steps per run and 50 eval problems: the chain
     assets copied from the shipped models, the run finding 2 and finding 4 share run once, the
     probe's estimate, the table."""
-    overrides = "overrides=[optim.steps=3,evaluation.limit=50]"
+    overrides = "overrides=[optim.steps=3,optim.warmup_steps=1,evaluation.limit=50]"
     done = _recipe(overrides, f"output_root={tmp_path}", timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "the grid (6 runs) needs" in done.stdout
