@@ -109,7 +109,8 @@ def chain_assets(tmp_path_factory):
 def test_cache_holds_a_separate_student(chain_assets):
     assert chain_assets.root.name.startswith("chain-")
     assert chain_assets.student_dir != chain_assets.teacher_dir
-    assert set(chain_assets.eval_tasks) == {"chain_gen"}
+    assert set(chain_assets.eval_tasks) == set(ChainSumTask.EVAL_TASKS) == set(
+        ChainSumTask().eval_records())
     assert len(read_jsonl(chain_assets.eval_tasks["chain_gen"])) == 500
 
 

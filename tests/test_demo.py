@@ -55,6 +55,8 @@ def test_records_hold_correct_sums_in_the_documented_formats(tmp_path):
         assert record["response"] == " " + str(a + b).zfill(4)
     generated = generate_records(task)
     choices = choice_records(task)
+    assert task.eval_records() == {"arith_gen": generated, "arith_mc": choices}
+    assert set(AdditionTask.EVAL_TASKS) == set(task.eval_records())
     held_out = set()
     for gen, mc in zip(generated, choices, strict=True):
         assert set(gen) == {"question", "answer"} and set(mc) == {"query", "choices", "gold"}

@@ -103,7 +103,7 @@ def _assets(root: Path, task: DemoTask, separate_student: bool) -> DemoAssets:
     return DemoAssets(root=root, teacher_dir=teacher,
                       student_dir=root / "student" if separate_student else teacher,
                       train_file=root / "train.jsonl",
-                      eval_tasks={name: root / f"{name}.jsonl" for name in task.eval_records()},
+                      eval_tasks={name: root / f"{name}.jsonl" for name in task.EVAL_TASKS},
                       task=task)
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from typing import ClassVar
 
 __all__ = ["ChainSumTask"]
 
@@ -43,6 +44,9 @@ class ChainSumTask:
     """Distinct held-out problems, disjoint from the training problems."""
     seed: int = 0
     """Seed of the split."""
+
+    EVAL_TASKS: ClassVar[tuple[str, ...]] = ("chain_gen",)
+    """The names :meth:`eval_records` returns."""
 
     def __post_init__(self) -> None:
         for name, low, high in (("terms", 2, 9), ("digits", 1, 4)):

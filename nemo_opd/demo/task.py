@@ -28,6 +28,7 @@ import json
 import random
 from collections.abc import Iterable
 from pathlib import Path
+from typing import ClassVar
 
 __all__ = [
     "TASK_VERSION",
@@ -70,6 +71,9 @@ class AdditionTask:
     """Choices per multiple-choice question (the sum and ``num_choices - 1`` near misses)."""
     seed: int = 0
     """Seed of the split and of the distractor choice."""
+
+    EVAL_TASKS: ClassVar[tuple[str, ...]] = ("arith_gen", "arith_mc")
+    """The names :meth:`eval_records` returns."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.digits, int) or not 1 <= self.digits <= 6:
