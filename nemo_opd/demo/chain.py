@@ -27,6 +27,8 @@ import dataclasses
 import random
 from typing import ClassVar
 
+from nemo_opd.demo.task import check_split
+
 __all__ = ["ChainSumTask"]
 
 
@@ -54,13 +56,7 @@ class ChainSumTask:
             if not isinstance(value, int) or not low <= value <= high:
                 raise ValueError(f"ChainSumTask.{name} must be an int in [{low}, {high}], "
                                  f"got {value!r}")
-        for name in ("num_train", "num_eval"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"ChainSumTask.{name} must be an int >= 1, "
-                                 f"got {getattr(self, name)!r}")
-        if self.num_train + self.num_eval > 10 ** (self.terms * self.digits):
-            raise ValueError(f"ChainSumTask.num_train + num_eval exceeds the "
-                             f"{10 ** (self.terms * self.digits)} distinct problems")
+        check_split(self, 10 ** (self.terms * self.digits))
 
     @property
     def total_width(self) -> int:

@@ -28,11 +28,15 @@ import json
 import random
 from collections.abc import Iterable
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
+
+if TYPE_CHECKING:
+    from nemo_opd.demo.chain import ChainSumTask
 
 __all__ = [
     "TASK_VERSION",
     "AdditionTask",
+    "check_split",
     "Problem",
     "make_task_tokenizer",
     "split_problems",
@@ -78,14 +82,7 @@ class AdditionTask:
     def __post_init__(self) -> None:
         if not isinstance(self.digits, int) or not 1 <= self.digits <= 6:
             raise ValueError(f"AdditionTask.digits must be an int in [1, 6], got {self.digits!r}")
-        for name in ("num_train", "num_eval"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"AdditionTask.{name} must be an int >= 1, "
-                                 f"got {getattr(self, name)!r}")
-        if self.num_train + self.num_eval > self.num_problems:
-            raise ValueError(f"AdditionTask.num_train + num_eval = "
-                             f"{self.num_train + self.num_eval} exceeds the {self.num_problems} "
-                             f"distinct {self.digits}-digit problems")
+        check_split(self, self.num_problems)
         if not isinstance(self.num_choices, int) or not 2 <= self.num_choices <= 7:
             raise ValueError(f"AdditionTask.num_choices must be an int in [2, 7] (the sum and up "
                              f"to six near misses), got {self.num_choices!r}")
@@ -115,6 +112,19 @@ class AdditionTask:
         """Eval task name → records: ``arith_gen`` (:func:`generate_records`) and ``arith_mc``
         (:func:`choice_records`)."""
         return {"arith_gen": generate_records(self), "arith_mc": choice_records(self)}
+
+
+def check_split(task: AdditionTask | ChainSumTask, num_problems: int) -> None:
+    """``ValueError`` unless ``task.num_train`` and ``task.num_eval`` are ints >= 1 that fit
+    together in the task's ``num_problems`` distinct problems (the shared rule of the demo
+    tasks)."""
+    kind = type(task).__name__
+    for name in ("num_train", "num_eval"):
+        if not isinstance(getattr(task, name), int) or getattr(task, name) < 1:
+            raise ValueError(f"{kind}.{name} must be an int >= 1, got {getattr(task, name)!r}")
+    if task.num_train + task.num_eval > num_problems:
+        raise ValueError(f"{kind}.num_train + num_eval = {task.num_train + task.num_eval} "
+                         f"exceeds the {num_problems} distinct problems")
 
 
 def split_problems(task: AdditionTask) -> tuple[list[Problem], list[Problem]]:
