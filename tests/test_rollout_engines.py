@@ -45,12 +45,16 @@ def test_sampling_kwargs_map_our_params_onto_the_libraries():
     filtered = SamplingParams(temperature=0.7, top_k=40, top_p=0.9, n=3, min_new_tokens=2,
                               stop_token_ids=(5,), logprobs="raw")
     plain = SamplingParams(temperature=1.0)
-    trt = trtllm_sampling_kwargs(filtered, stop_ids=[2, 5], max_tokens=6, seed=11,
-                                 logprob_kind="sampling", pad_id=3)
-    assert trt == dict(n=3, max_tokens=6, seed=11, stop_token_ids=[2, 5], ignore_eos=True,
+    # TensorRT-LLM: end_id=-1, not ignore_eos (which would drop stop_token_ids); no min_tokens
+    # (its min-length penalty masks only end_id).
+    trt = trtllm_sampling_kwargs(dataclasses.replace(filtered, min_new_tokens=0), stop_ids=[2, 5],
+                                 max_tokens=6, seed=11, logprob_kind="sampling", pad_id=3)
+    assert trt == dict(n=3, max_tokens=6, seed=11, stop_token_ids=[2, 5], end_id=-1,
                        include_stop_str_in_output=True, pad_id=3, detokenize=False, logprobs=0,
-                       logprobs_mode="processed", min_tokens=2, temperature=0.7, top_k=40,
-                       top_p=0.9)
+                       logprobs_mode="processed", temperature=0.7, top_k=40, top_p=0.9)
+    with pytest.raises(NotImplementedError, match="cannot honour min_new_tokens"):
+        trtllm_sampling_kwargs(filtered, stop_ids=[2, 5], max_tokens=6, seed=11,
+                               logprob_kind="sampling", pad_id=3)
     trt_greedy = trtllm_sampling_kwargs(greedy, stop_ids=[2], max_tokens=9, seed=1,
                                         logprob_kind="sampling", pad_id=3)
     assert trt_greedy["temperature"] == 0.0 and trt_greedy["logprobs_mode"] == "raw"
@@ -502,6 +506,7 @@ def test_hf_engine_gathers_tp2_shards(tiny_model_dirs):
 
 def test_rollout_setup_refused_before_models_load(tiny_model_dirs, train_file):
     from nemo_opd.config import RolloutConfig
+    from nemo_opd.rollout import SamplingParams
     from nemo_opd.rollout.factory import check_rollout_setup
 
     llama, qwen3 = tiny_model_dirs["llama"], tiny_model_dirs["qwen3"]
@@ -512,6 +517,11 @@ def test_rollout_setup_refused_before_models_load(tiny_model_dirs, train_file):
         with pytest.raises(ValueError, match=f"needs {library}.*not installed here"):
             check_rollout_setup(_run_config(llama, qwen3, train_file,
                                             rollout=RolloutConfig(engine=engine)))
+    with pytest.raises(ValueError, match="cannot honour sampling.min_new_tokens=2"):
+        check_rollout_setup(_run_config(llama, qwen3, train_file,
+                                        rollout=RolloutConfig(engine="trtllm"),
+                                        sampling=SamplingParams(max_new_tokens=8,
+                                                                min_new_tokens=2)))
 
 
 def test_smoke_script_passes_with_the_hf_engine():

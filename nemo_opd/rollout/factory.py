@@ -11,7 +11,8 @@ It has the trainer's ``engine_factory(model, tp_group)`` shape once ``cfg``, ``p
 weights never change, so there is nothing to refit.
 
 ``check_rollout_setup(cfg)`` raises ``ValueError`` before any model loads when TensorRT-LLM or vLLM
-is asked for and not installed (a pipeline-parallel student with rollouts is refused by
+is asked for and not installed, or TensorRT-LLM with ``sampling.min_new_tokens`` (which it cannot
+honour; a pipeline-parallel student with rollouts is refused by
 :class:`~nemo_opd.config.RunConfig` itself).
 ``check_engine(engine, model, tokenizer, cfg)`` raises ``ValueError`` before the first step for
 an engine that cannot serve the run: a vocabulary or tokenizer other than the student's, or no
@@ -90,6 +91,11 @@ def check_rollout_setup(cfg: RunConfig) -> None:
     """Raise ``ValueError`` for a rollout engine the config alone shows cannot run (see the
     module docstring); cheap, before any model loads."""
     engine = cfg.rollout.engine
+    if engine == "trtllm" and cfg.sampling.min_new_tokens:
+        raise ValueError("rollout.engine='trtllm' cannot honour sampling.min_new_tokens="
+                         f"{cfg.sampling.min_new_tokens}: TensorRT-LLM's min_tokens masks only "
+                         "its end_id, never the stop ids (nemo_opd.rollout.trtllm_engine); set "
+                         "it to 0 or use another engine")
     if engine in _LIBRARIES:
         module, name, container = _LIBRARIES[engine]
         if importlib.util.find_spec(module) is None:

@@ -1,13 +1,15 @@
 """TensorRT-LLM rollout engine (LLM API, PyTorch backend), refit through its weight-update RPC.
 
 **Not run here**: TensorRT-LLM has no wheel on this project's registry; this module is written
-against TensorRT-LLM's documented LLM API (1.2/1.3: ``tensorrt_llm.LLM``,
-``tensorrt_llm.SamplingParams(logprobs=0, logprobs_mode=...)``, ``orchestrator_type="ray"`` with
-``ray_worker_extension_cls="tensorrt_llm.llmapi.rlhf_utils.WorkerExtension"`` and
-``llm._collective_rpc("update_weights", (ipc_handles,))``) and imports it lazily; the pieces that
-do not need the library (sampling-parameter mapping, log-prob extraction, the refit payload) are
-unit-tested with fakes, and ``containers/smoke_engine.py --engine trtllm`` exercises the whole
-engine inside the TensorRT-LLM NGC container.
+against TensorRT-LLM's LLM API (PyTorch backend) as read in its sources: ``tensorrt_llm.LLM`` with
+``orchestrator_type="ray"`` (``llmapi/llm_args.py``: ``Literal["rpc", "ray"]``) and
+``ray_worker_extension_cls="tensorrt_llm.llmapi.rlhf_utils.WorkerExtension"`` (that class's
+docstring; ``executor`` passes ``llm_args.ray_worker_extension_cls`` to the Ray workers),
+``llm._collective_rpc(method, args=(), ...)`` (``llmapi/llm.py``, "prototype") and
+``tensorrt_llm.SamplingParams(logprobs=0, logprobs_mode=...)``. It imports the library lazily;
+the pieces that do not need it (sampling-parameter mapping, log-prob extraction, the refit
+payload) are unit-tested with fakes, and ``containers/smoke_engine.py --engine trtllm`` exercises
+the whole engine inside the TensorRT-LLM NGC container.
 
 Layout. In each data-parallel replica, the student's TP rank 0 owns one ``LLM`` (engine TP = 1, on
 that rank's GPU, next to the trainer: colocated). :meth:`TensorRTLLMEngine.update_weights` runs on
@@ -23,11 +25,19 @@ Weights: the engine serves an unquantized model in ``dtype`` (bf16 by default) r
 student's *dequantised* fake-quant weights (``weight_quantizer(weight)``). A refit with the packed
 low-bit codes and scales into a real-quantized engine (the export's tensors) is the next step.
 
-Log-probs: ``logprobs=0`` returns the sampled token's log-prob; ``logprobs_mode="raw"`` (the
-default) is the :data:`~nemo_opd.rollout.engine.LogprobKind` ``"raw"``, ``"processed"`` (after
-temperature / top-k / top-p) is ``"sampling"``. The kind is chosen when the engine is built.
-Stop ids: every stop id (EOS included) is passed as ``stop_token_ids`` with ``ignore_eos=True``
-and ``include_stop_str_in_output=True`` so the stop token stays in the row, with its log-prob.
+Log-probs: ``logprobs=0`` returns only the sampled token's log-prob (``SamplingParams`` docs);
+``logprobs_mode`` is ``LogprobMode.RAW`` (``"raw"``, the default) — the
+:data:`~nemo_opd.rollout.engine.LogprobKind` ``"raw"`` — or ``"processed"`` (after temperature /
+top-k / top-p) — ``"sampling"`` (``LogprobMode`` since TensorRT-LLM PR #9675; its
+``tests/unittest/_torch/sampler/test_logits_logprobs.py`` passes ``"raw"`` / ``"processed"``; vLLM's
+``"raw_logprobs"`` spellings are not these). The kind is chosen when the engine is built.
+Stop ids: every stop id (EOS included) is passed as ``stop_token_ids`` with
+``include_stop_str_in_output=True``, so the stop token stays in the row with its log-prob
+(``executor/result.py`` trims stop words only without it), and ``end_id=-1``: no end token of
+its own. Not ``ignore_eos=True``: ``executor/base_worker.py`` then sends ``stop_words=[]`` (and
+``end_id=-1``), dropping every stop id; and an explicit ``end_id`` is required anyway, since
+with ``skip_tokenizer_init`` ``LLM._prepare_sampling_params`` cannot fill it in (ValueError).
+``min_new_tokens`` is refused: the TorchSampler's min-length penalty masks only ``end_id``.
 """
 
 from __future__ import annotations
@@ -63,7 +73,8 @@ __all__ = ["TensorRTLLMEngine", "import_tensorrt_llm", "ipc_payload", "trtllm_sa
 logger = logging.getLogger(__name__)
 
 WORKER_EXTENSION = "tensorrt_llm.llmapi.rlhf_utils.WorkerExtension"
-"""TensorRT-LLM's own Ray worker extension with the ``update_weights(ipc_handles)`` RPC."""
+"""TensorRT-LLM's own Ray worker extension (``tensorrt_llm/llmapi/rlhf_utils.py``) with the
+``update_weights(ipc_handles: dict | None)`` RPC: a dict loads a bucket, ``None`` finalises."""
 
 _LOGPROBS_MODE = {"raw": "raw", "sampling": "processed"}
 
@@ -87,15 +98,22 @@ def trtllm_sampling_kwargs(params: SamplingParams, *, stop_ids: list[int], max_t
 
     Greedy (temperature 0) is TensorRT-LLM's ``temperature=0``; top-k 0 and top-p 1 (off) are
     left unset (None: the runtime's "all tokens"). Stops are exactly ``stop_ids`` (EOS among
-    them; ``ignore_eos`` so the tokenizer's EOS does not stop rows on its own), the stop token
-    kept in the output.
+    them), the stop token kept in the output; ``end_id=-1`` (no end token: the value
+    TensorRT-LLM itself uses for ``ignore_eos``, which would also drop the stop ids; see the
+    module docstring).
+
+    Raises:
+        NotImplementedError: ``params.min_new_tokens`` > 0 (TensorRT-LLM's min-length penalty
+            masks only ``end_id``, not the stop ids).
     """
+    if params.min_new_tokens:
+        raise NotImplementedError(
+            "TensorRTLLMEngine cannot honour min_new_tokens: TensorRT-LLM's min_tokens masks "
+            "only end_id, not stop_token_ids")
     kwargs: dict[str, Any] = dict(
         n=params.n, max_tokens=max_tokens, seed=seed, stop_token_ids=list(stop_ids),
-        ignore_eos=True, include_stop_str_in_output=True, pad_id=pad_id, detokenize=False,
+        end_id=-1, include_stop_str_in_output=True, pad_id=pad_id, detokenize=False,
         logprobs=0, logprobs_mode=_LOGPROBS_MODE["raw" if params.greedy else logprob_kind])
-    if params.min_new_tokens:
-        kwargs["min_tokens"] = params.min_new_tokens
     if params.greedy:
         kwargs["temperature"] = 0.0
     else:

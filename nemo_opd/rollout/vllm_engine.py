@@ -1,12 +1,15 @@
 """vLLM rollout engine, in-process with the trainer's ranks: sleep/wake and in-memory refit.
 
-**Not run here**: vLLM's wheels are CUDA-only; this module is written against vLLM's documented
-offline API (``vllm.LLM`` with ``distributed_executor_backend="external_launcher"`` and
-``enable_sleep_mode=True``, ``LLM.sleep(level)`` / ``LLM.wake_up(tags)``,
-``LLM.collective_rpc(callable)``, ``vllm.SamplingParams(logprobs=0)``, the engine argument
-``logprobs_mode``) and imports vLLM lazily; the pieces that do not need vLLM (sampling-parameter
-mapping, log-prob extraction, the refit call, the sleep/wake sequence) are unit-tested with fakes,
-and ``containers/smoke_engine.py --engine vllm`` exercises the whole engine in a vLLM container.
+**Not run here**: vLLM's wheels are CUDA-only; this module is written against vLLM's offline API
+as read in its sources (``vllm/entrypoints/llm.py``: ``LLM.sleep(level)``,
+``LLM.wake_up(tags)`` with tags in ``("weights", "kv_cache")``,
+``LLM.collective_rpc(method: str | Callable, timeout, args, kwargs)`` whose callable gets the
+worker as its first argument; ``vllm/config/model.py``: ``enable_sleep_mode`` and
+``logprobs_mode``; ``vllm/config/parallel.py``: ``external_launcher`` turns V1 multiprocessing
+off, so the callable runs in this process) and imports vLLM lazily; the pieces that do not need
+vLLM (sampling-parameter mapping, log-prob extraction, the refit call, the sleep/wake sequence)
+are unit-tested with fakes, and ``containers/smoke_engine.py --engine vllm`` exercises the whole
+engine in a vLLM container.
 
 Layout: every trainer rank builds one ``LLM`` with ``distributed_executor_backend=
 "external_launcher"`` (vLLM joins the ranks torchrun started instead of spawning workers) and
@@ -19,17 +22,21 @@ still asleep), samples, and puts it back to sleep (``sleep(level)``: KV cache fr
 offloaded to CPU (level 1) or dropped (level 2)) so the trainer's forward/backward has the memory;
 after the optimizer step :meth:`VLLMEngine.update_weights` wakes only the weights and loads the
 student's dequantised tensors in place through ``collective_rpc`` with a function that calls the
-model runner's ``model.load_weights(weights)`` on each (in-process) worker — no disk, no
+model runner's ``model.load_weights(weights)`` on each (in-process) worker (as vLLM's
+``examples/offline_inference/rlhf_utils.py`` does) — no disk, no
 ``reload_weights`` (vLLM's ``collective_rpc("reload_weights")`` re-reads the checkpoint from disk,
 which is not what a trainer wants each step). Prefix caching is off: cached KV of the previous
 weights would be reused.
 
-Log-probs: ``SamplingParams(logprobs=0)`` returns the sampled token's log-prob. vLLM computes them
-from the **raw** logits by default (``logprobs_mode="raw_logprobs"``: before temperature, top-k,
-top-p — :data:`~nemo_opd.rollout.engine.LogprobKind` ``"raw"``); built with
+Log-probs: ``SamplingParams(logprobs=0)`` returns the sampled token's log-prob only
+(``vllm/v1/sample/metadata.py``: "0 means sampled token logprobs only"). vLLM computes them
+from the **raw** logits by default (``LogprobsMode`` = ``"raw_logits" | "raw_logprobs" |
+"processed_logits" | "processed_logprobs"``, default ``"raw_logprobs"``: before temperature,
+top-k, top-p — :data:`~nemo_opd.rollout.engine.LogprobKind` ``"raw"``); built with
 ``logprob_kind="sampling"`` the engine asks for ``"processed_logprobs"`` (after them). Stop ids
-are passed as ``stop_token_ids`` with ``ignore_eos=True`` (EOS is among them), so rows stop on
-exactly the megatron engine's ids and keep the stop token.
+are passed as ``stop_token_ids`` with ``ignore_eos=True`` (EOS is among them; vLLM's
+``check_stop`` still honours ``stop_token_ids`` under ``ignore_eos``), so rows stop on exactly
+the megatron engine's ids and keep the stop token.
 """
 
 from __future__ import annotations
