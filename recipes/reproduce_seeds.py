@@ -9,7 +9,7 @@ claim (protocol and results: docs/reproduction.md).
 Every run is ``python recipes/onpolicy_qat.py --factory tiny <cell overrides> optim.steps=N
 seed=K output_dir=<output_root>/<finding>/<cell>/seed<K>``, launched as a ``run.Script`` of a
 NeMo-Run Experiment on ``run.executor`` (default: this machine, one run after the other).
-Findings on their own task (``size_gap``) read its teacher and student from
+Findings on their own task or models (``size_gap``, ``self_distill``, ...) read them from
 ``<output_root>/assets``, made before the first run (copied from the shipped ones, or trained
 there: minutes); on a cluster ``output_root`` must be a path every node sees. Runs
 whose ``results.json`` exists are not run again, so an interrupted grid resumes. The first run
@@ -67,8 +67,8 @@ def reproduce_seeds(
     Args:
         preset: "quick" (the harness on a subset, 1 seed) or "full" (docs/reproduction.md).
         findings: registered findings to run (nemo_opd.experiments.findings.FINDINGS):
-            ``quantization`` (finding 1), ``size_gap`` (finding 2), ``sampled_loss`` (finding
-            3), ``gap`` (finding 4).
+            ``quantization`` (finding 1), ``size_gap`` (finding 2), ``sampled_loss`` and
+            ``self_distill`` (finding 3), ``gap`` (finding 4).
         overrides: extra recipe overrides for every run (e.g. ``[optim.micro_batch_size=16]``);
             a result made with them is not the protocol's.
         output_root: where runs and the table go (on a cluster: a shared absolute path).

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 if TYPE_CHECKING:
     from nemo_opd.demo.chain import ChainSumTask
+    from nemo_opd.demo.finetune import SubtractionTask
 
 __all__ = [
     "TASK_VERSION",
@@ -114,7 +115,7 @@ class AdditionTask:
         return {"arith_gen": generate_records(self), "arith_mc": choice_records(self)}
 
 
-def check_split(task: AdditionTask | ChainSumTask, num_problems: int) -> None:
+def check_split(task: AdditionTask | ChainSumTask | SubtractionTask, num_problems: int) -> None:
     """``ValueError`` unless ``task.num_train`` and ``task.num_eval`` are ints >= 1 that fit
     together in the task's ``num_problems`` distinct problems (the shared rule of the demo
     tasks)."""

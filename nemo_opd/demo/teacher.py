@@ -8,7 +8,9 @@ residual channels get outlier weights (:func:`add_outlier_channels`, function-pr
 weights are saved in bf16. ``--ship`` also refreshes the copy shipped in
 ``nemo_opd/demo/assets`` that :func:`nemo_opd.demo.prepare_demo` starts from. ``--model``
 picks another shipped model (:data:`MODELS`): finding 2's chain-sum teacher and weak student are
-trained by the same code, with :data:`CHAIN_TEACHER` / :data:`CHAIN_STUDENT`.
+trained by the same code, with :data:`CHAIN_TEACHER` / :data:`CHAIN_STUDENT`, and finding 3c's
+start (``demo_finetuned``, :data:`FINETUNED_DEMO`) is the shipped demo teacher trained further on
+:class:`~nemo_opd.demo.finetune.FineTuneTask`'s mixture (``init_dir``).
 """
 
 from __future__ import annotations
@@ -23,14 +25,18 @@ from pathlib import Path
 import torch
 
 from nemo_opd.demo.chain import ChainSumTask
+from nemo_opd.demo.finetune import FineTuneTask
 from nemo_opd.demo.task import AdditionTask, make_task_tokenizer
 from nemo_opd.models.tiny import TinyModelSpec, make_tiny_hf_model
 
-__all__ = ["CHAIN_STUDENT", "CHAIN_STUDENTS", "CHAIN_TEACHER", "MODELS", "TRAINER_VERSION",
-           "TeacherConfig", "TeacherRun", "add_outlier_channels", "outlier_channel_ids",
-           "train_teacher", "main"]
+__all__ = ["CHAIN_STUDENT", "CHAIN_STUDENTS", "CHAIN_TEACHER", "DemoTask", "FINETUNED_DEMO",
+           "FineTuned", "MODELS", "TRAINER_VERSION", "TeacherConfig", "TeacherRun",
+           "add_outlier_channels", "outlier_channel_ids", "train_teacher", "main"]
 
 logger = logging.getLogger(__name__)
+
+DemoTask = AdditionTask | ChainSumTask | FineTuneTask
+"""The tasks demo models are trained on: each gives ``train_records()`` and ``eval_records()``."""
 
 TRAINER_VERSION = 1
 """Bump when training changes what a config produces: cached teachers are keyed on it."""
@@ -128,13 +134,34 @@ CHAIN_STUDENTS = {"2x128": CHAIN_STUDENT,
 """Finding 4's students (layers x hidden), each pre-trained the same 600 steps: the capability
 gap to :data:`CHAIN_TEACHER` shrinks with size. The 2x128 one is :data:`CHAIN_STUDENT`."""
 
+@dataclasses.dataclass(frozen=True)
+class FineTuned:
+    """A model fine-tuned from its asset set's teacher: :attr:`cfg`'s schedule on :attr:`task`'s
+    mixture, starting from the teacher's weights (finding 3c, seed 003 §4)."""
+
+    task: FineTuneTask = FineTuneTask()
+    cfg: TeacherConfig = TeacherConfig()
+    """Schedule (steps, lr, batch, seed); its shape must be the teacher's."""
+
+
+FINETUNED_DEMO = FineTuned(
+    task=FineTuneTask(old_share=0.1),
+    cfg=dataclasses.replace(TeacherConfig(), steps=1000, lr=5e-4, warmup_steps=10,
+                            outlier_channels=0))
+"""Finding 3c's start: the demo teacher fine-tuned on subtraction with 10 % addition mixed in,
+1000 steps at a quarter of its pre-training lr (addition 0.994 → 0.480, subtraction 0.002 →
+0.958; the measurements that chose it are in ``docs/reproduction.md``). No new outlier channels:
+the teacher's are in the weights it starts from."""
+
 MODELS = {"demo": (AdditionTask(), TeacherConfig(), "teacher"),
           "chain_teacher": (ChainSumTask(), CHAIN_TEACHER, "chain/teacher"),
           "chain_student": (ChainSumTask(), CHAIN_STUDENT, "chain/student"),
           **{f"chain_student_{size}": (ChainSumTask(), cfg, "")
-             for size, cfg in CHAIN_STUDENTS.items() if cfg != CHAIN_STUDENT}}
+             for size, cfg in CHAIN_STUDENTS.items() if cfg != CHAIN_STUDENT},
+          "demo_finetuned": (AdditionTask(), FINETUNED_DEMO, "finetuned")}
 """The demo models: name → (task, config, where ``--ship`` puts it under
-``nemo_opd/demo/assets``; "" = not shipped, trained on first use)."""
+``nemo_opd/demo/assets``; "" = not shipped, trained on first use). A :class:`FineTuned` config
+is fine-tuned from the shipped demo teacher."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,12 +214,29 @@ def _lr_at(step: int, cfg: TeacherConfig) -> float:
     return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def train_teacher(out_dir: str | Path, task: AdditionTask | ChainSumTask | None = None,
-                  cfg: TeacherConfig | None = None) -> TeacherRun:
+def _load_weights(model: torch.nn.Module, init_dir: Path) -> None:
+    """Copy ``init_dir``'s weights into ``model`` (upcast); ``ValueError`` on another shape."""
+    from transformers import AutoModelForCausalLM
+
+    source = AutoModelForCausalLM.from_pretrained(init_dir, dtype=torch.float32).state_dict()
+    target = model.state_dict()
+    mismatched = sorted(k for k in target.keys() | source.keys()
+                        if k not in source or k not in target or source[k].shape != target[k].shape)
+    if mismatched:
+        raise ValueError(f"{init_dir} does not have the configured model's shape; differing "
+                         f"tensors: {mismatched[:4]}")
+    model.load_state_dict(source)
+
+
+def train_teacher(out_dir: str | Path, task: DemoTask | None = None,
+                  cfg: TeacherConfig | None = None, init_dir: str | Path | None = None
+                  ) -> TeacherRun:
     """Train a teacher for ``task`` with ``cfg`` and ``save_pretrained`` it to ``out_dir``.
 
     Loss: mean next-token cross-entropy over the answer tokens and the EOS that ends them (the
     prompt is context only), the trainer's convention for ``{"prompt", "response"}`` data.
+    ``init_dir``: start from that HF model's weights (fine-tuning; its shape must be
+    ``cfg.spec``'s) instead of the seeded random initialisation.
     """
     from transformers import AutoModelForCausalLM
 
@@ -207,6 +251,8 @@ def train_teacher(out_dir: str | Path, task: AdditionTask | ChainSumTask | None 
     # Random initialisation (seeded) and tokenizer written first, then trained in place.
     make_tiny_hf_model(out_dir, cfg.family, cfg.spec, seed=cfg.seed, tokenizer=tokenizer)
     model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32)
+    if init_dir is not None:
+        _load_weights(model, Path(init_dir))
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   betas=(0.9, 0.98))
@@ -242,7 +288,7 @@ def train_teacher(out_dir: str | Path, task: AdditionTask | ChainSumTask | None 
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m nemo_opd.demo.teacher OUT_DIR [--model NAME] [--steps N] [--ship]``."""
-    from nemo_opd.demo.assets import record_teacher, ship_teacher
+    from nemo_opd.demo.assets import SHIPPED_TEACHER, model_key, record_teacher, ship_teacher
 
     parser = argparse.ArgumentParser(prog="python -m nemo_opd.demo.teacher",
                                      description=__doc__.splitlines()[0])
@@ -250,7 +296,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", choices=MODELS, default="demo",
                         help="which shipped model's task and config (default: %(default)s, the "
                              "demo teacher; chain_teacher / chain_student: finding 2 of "
-                             "docs/reproduction.md)")
+                             "docs/reproduction.md; demo_finetuned: finding 3c's, fine-tuned "
+                             "from the shipped demo teacher)")
     parser.add_argument("--steps", type=int, default=None,
                         help="optimizer steps (default: the model's config)")
     parser.add_argument("--ship", action="store_true",
@@ -260,18 +307,22 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(1)
     task, default, where = MODELS[args.model]
+    init_dir = None
+    if isinstance(default, FineTuned):  # fine-tuned from the shipped demo teacher
+        task, default, init_dir = default.task, default.cfg, SHIPPED_TEACHER
     # A short run (a smoke test) keeps the default warmup only if it fits.
     steps = default.steps if args.steps is None else args.steps
     cfg = dataclasses.replace(default, steps=steps,
                               warmup_steps=min(default.warmup_steps, steps - 1))
-    run = record_teacher(args.out_dir, task, cfg)
+    run = record_teacher(args.out_dir, task, cfg, init_dir=init_dir)
     logger.info("%s written to %s in %.0f s (final loss %.4f)", args.model, run.model_dir,
                 run.train_seconds, run.final_loss)
     if args.ship:
         if cfg != default or not where:
             parser.error("--ship needs the default configuration (no --steps) of a shipped "
                          f"model ({', '.join(n for n, m in MODELS.items() if m[2])})")
-        logger.info("shipped copy: %s", ship_teacher(run.model_dir, task, cfg, where))
+        init_key = None if init_dir is None else model_key(*MODELS["demo"][:2])
+        logger.info("shipped copy: %s", ship_teacher(run.model_dir, task, cfg, where, init_key))
 
 
 if __name__ == "__main__":

@@ -10,9 +10,10 @@ and a preset into the list of runs, each the recipe command a user could type.
 Registered so far: finding 1 (``quantization``, seeds 000–002) on the demo's own assets, and
 finding 2 (``size_gap``, seed 004) on the chain-sum task's teacher and weak student
 (:mod:`nemo_opd.demo.chain`; shipped, or trained on first use by :func:`prepare_assets`),
-finding 3's loss and temperature cells (``sampled_loss``, seed 003; its self-distillation part
-is not built yet) and finding 4's gap sweep (``gap``: three student sizes, on- vs off-policy)
-(``docs/reproduction.md``).
+finding 3's loss and temperature cells (``sampled_loss``, seed 003) and its self-distillation
+after fine-tuning (``self_distill``, seed 003 §4, on the demo teacher fine-tuned on subtraction,
+:mod:`nemo_opd.demo.finetune`), and finding 4's gap sweep (``gap``: three student sizes, on- vs
+off-policy) (``docs/reproduction.md``).
 """
 
 from __future__ import annotations
@@ -24,24 +25,41 @@ from collections.abc import Sequence
 from pathlib import Path
 
 __all__ = ["Cell", "Claim", "FINDINGS", "Finding", "PRESETS", "Preset", "RunSpec",
-           "asset_root", "check_finding_names", "plan_runs", "prepare_assets"]
+           "asset_root", "check_finding_names", "metric_label", "metric_name", "plan_runs",
+           "prepare_assets"]
 
 METRICS = ("score", "gap_recovered", "gain", "relative", "seconds_per_step", "start", "teacher")
 """Per-run values: the trained student's ``score``; ``gap_recovered`` = (score − start) /
 (teacher − start); ``gain`` = score − start; ``relative`` = score / start, where start is the
 untrained (PTQ, or for ``quant.format=none`` the initial) student's score; ``seconds_per_step``
 the median training step's wall time (``metrics.jsonl``); ``start`` and ``teacher`` the two
-baselines' scores (the figure's reference lines)."""
+baselines' scores (the figure's reference lines). Each is of the eval tasks' average; a metric
+``<metric>@<task>`` (e.g. ``gain@sub_gen``) is the same of one eval task."""
 METRIC_LABELS = {"score": "score", "gap_recovered": "PTQ gap recovered",
                  "gain": "gain over start", "relative": "score / start",
                  "seconds_per_step": "s / step (median)", "start": "start",
                  "teacher": "teacher"}
 RULES = ("difference", "change", "at_least", "at_most")
 
-ASSETS = ("chain", "chain_2x256", "chain_4x256")
+ASSETS = ("chain", "chain_2x256", "chain_4x256", "finetuned")
 """Asset sets a cell can name: :class:`~nemo_opd.demo.chain.ChainSumTask` with finding 2's
 teacher and a student of ``nemo_opd.demo.teacher.CHAIN_STUDENTS`` (``chain``: the shipped weak
-2 × 128 one; the others are trained on first use, minutes)."""
+2 × 128 one; the others are trained on first use, minutes); ``finetuned``: the demo teacher and
+its fine-tuned copy ``nemo_opd.demo.teacher.FINETUNED_DEMO`` (trained on first use, ~2 min)."""
+
+
+def metric_name(metric: str) -> tuple[str, str]:
+    """``(base metric, eval task)`` of ``"gain@sub_gen"`` (task "" = the average); ``ValueError``
+    unless the base is one of :data:`METRICS`."""
+    base, _, task = metric.partition("@")
+    if base not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}: one of {METRICS}, optionally @<eval task>")
+    return base, task
+
+
+def metric_label(metric: str) -> str:
+    base, task = metric_name(metric)
+    return f"{METRIC_LABELS[base]} ({task})" if task else METRIC_LABELS[base]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,12 +97,13 @@ class Claim:
     level: float = 0.0
     """``at_least`` / ``at_most`` only."""
     metric: str = "score"
-    """One of :data:`METRICS`."""
+    """One of :data:`METRICS`, optionally ``@<eval task>``."""
 
     def __post_init__(self) -> None:
-        if self.rule not in RULES or self.metric not in METRICS:
-            raise ValueError(f"Claim {self.key}: rule must be one of {RULES} and metric one of "
-                             f"{METRICS}, got {self.rule!r}, {self.metric!r}")
+        metric_name(self.metric)
+        if self.rule not in RULES:
+            raise ValueError(f"Claim {self.key}: rule must be one of {RULES}, "
+                             f"got {self.rule!r}")
         if (self.rule == "difference") != bool(self.b):
             raise ValueError(f"Claim {self.key}: a 'difference' claim compares two cells (a and "
                              "b); the level rules judge one")
@@ -107,9 +126,12 @@ class Finding:
     steps: dict[str, int]
     """Optimizer steps per run, by preset name."""
     columns: tuple[str, ...] = ("score", "gap_recovered")
-    """The metrics its table shows (:data:`METRICS`)."""
+    """The metrics its table shows (:data:`METRICS`, optionally ``@<eval task>``); its figure
+    plots the first."""
 
     def __post_init__(self) -> None:
+        for metric in self.columns:
+            metric_name(metric)
         names = [c.name for c in self.cells]
         if len(set(names)) != len(names):
             raise ValueError(f"finding {self.name}: cell names repeat")
@@ -274,7 +296,34 @@ def _gap() -> Finding:
         steps={"quick": 8, "full": 60}, columns=("score", "gain"))
 
 
-FINDINGS = {f.name: f for f in (_quantization(), _size_gap(), _sampled_loss(), _gap())}
+def _self_distill() -> Finding:
+    run = ("model.student={assets}/student", "model.teacher={assets}/teacher",
+           "model.tokenizer={assets}/teacher", "data.train_files=[{assets}/train.jsonl]",
+           "evaluation.local_tasks=[arith_gen={assets}/arith_gen.jsonl,"
+           "sub_gen={assets}/sub_gen.jsonl]",
+           # the tiny preset's schedule (as finding 1 on the same model): λ=1, β=1, lr 1e-4
+           "quant.format=none", "quant.calibration_batches=0", "export.enabled=false")
+    cells = (Cell("self_distill", "on-policy self-distillation (λ=1)",
+                  (*run, "distill.lmbda=1.0"), assets="finetuned"),
+             Cell("offpolicy_kd", "off-policy KD on the teacher's answers (λ=0)",
+                  (*run, "distill.lmbda=0.0"), assets="finetuned"))
+    claims = (Claim("3c behaviour", "self-distillation from the original weights restores the "
+                    "behaviour fine-tuning damaged (addition)", "change", "self_distill",
+                    direction="greater", metric="gain@arith_gen"),
+              Claim("3c knowledge", "... while keeping the new knowledge (subtraction "
+                    "unchanged)", "change", "self_distill", direction="none",
+                    metric="gain@sub_gen"))
+    return Finding(
+        name="self_distill", seeds="003 §4",
+        summary="the demo teacher fine-tuned on subtraction (10 % addition mixed in: addition "
+                "damaged), distilled on addition prompts from its own original weights",
+        cells=cells, claims=claims, quick_cells=("self_distill",),
+        steps={"quick": 8, "full": 40},
+        columns=("score@arith_gen", "gain@arith_gen", "score@sub_gen", "gain@sub_gen"))
+
+
+FINDINGS = {f.name: f for f in (_quantization(), _size_gap(), _sampled_loss(), _self_distill(),
+                                _gap())}
 """Registered findings by name."""
 
 
@@ -312,8 +361,11 @@ class RunSpec:
 
 def _asset_configs(name: str):
     from nemo_opd.demo.chain import ChainSumTask
-    from nemo_opd.demo.teacher import CHAIN_STUDENTS, CHAIN_TEACHER
+    from nemo_opd.demo.task import AdditionTask
+    from nemo_opd.demo.teacher import CHAIN_STUDENTS, CHAIN_TEACHER, FINETUNED_DEMO, TeacherConfig
 
+    if name == "finetuned":
+        return AdditionTask(), TeacherConfig(), FINETUNED_DEMO
     size = name.removeprefix("chain").lstrip("_") or "2x128"
     return ChainSumTask(), CHAIN_TEACHER, CHAIN_STUDENTS[size]
 

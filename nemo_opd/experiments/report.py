@@ -20,11 +20,11 @@ from typing import Any
 from nemo_opd.experiments.findings import (
     FINDINGS,
     MARGIN,
-    METRIC_LABELS,
-    METRICS,
     Claim,
     Finding,
     RunSpec,
+    metric_label,
+    metric_name,
 )
 from nemo_opd.experiments.stats import (
     Estimate,
@@ -41,8 +41,18 @@ Scores = dict[str, dict[str, dict[str, list[float]]]]
 """finding → cell → metric → per-seed values."""
 
 
+def _score_metrics(score: float, start: float, teacher: float, task: str = "") -> dict[str, float]:
+    """score, gain, relative, start and teacher, named ``<metric>@<task>`` for one eval task."""
+    suffix = f"@{task}" if task else ""
+    values = {"score": score, "gain": score - start,
+              "relative": score / start if start else math.nan, "start": start,
+              "teacher": teacher}
+    return {f"{metric}{suffix}": value for metric, value in values.items()}
+
+
 def _run_values(path: Path) -> dict[str, float]:
-    """The :data:`~nemo_opd.experiments.findings.METRICS` of one run's ``results.json``."""
+    """The :data:`~nemo_opd.experiments.findings.METRICS` of one run's ``results.json``, of the
+    eval tasks' average and (``<metric>@<task>``) of each task."""
     data = json.loads(path.read_text())
     rows = data["table"]["rows"]
     students = [r for r in rows if r["role"] == "student" and r["numerics"].startswith("megatron")]
@@ -51,17 +61,21 @@ def _run_values(path: Path) -> dict[str, float]:
         raise ValueError(f"{path}: expected one trained-student row and one start (PTQ) row, "
                          f"found {len(students)} and {len(starts)}")
     teachers = [r for r in rows if r["role"] == "teacher"]
-    score, start = float(students[0]["average"]), float(starts[0]["average"])
-    gap = students[0].get("gap_recovered")
+    student, start, teacher = students[0], starts[0], teachers[0] if teachers else None
+    gap = student.get("gap_recovered")
     metrics = path.parent / "metrics.jsonl"
     step_seconds = [json.loads(line)["step_seconds"] for line in
                     (metrics.read_text().splitlines() if metrics.is_file() else [])
                     if '"step_seconds"' in line]
-    return {"score": score, "gap_recovered": math.nan if gap is None else float(gap),
-            "gain": score - start, "relative": score / start if start else math.nan,
-            "seconds_per_step": statistics.median(step_seconds) if step_seconds else math.nan,
-            "start": start,
-            "teacher": float(teachers[0]["average"]) if teachers else math.nan}
+    values = {"gap_recovered": math.nan if gap is None else float(gap),
+              "seconds_per_step": statistics.median(step_seconds) if step_seconds else math.nan,
+              **_score_metrics(float(student["average"]), float(start["average"]),
+                               float(teacher["average"]) if teacher else math.nan)}
+    for task, score in student["values"].items():
+        values.update(_score_metrics(
+            float(score), float(start["values"].get(task, math.nan)),
+            float(teacher["values"].get(task, math.nan)) if teacher else math.nan, task))
+    return values
 
 
 def collect(runs: Sequence[RunSpec]) -> tuple[Scores, list[str]]:
@@ -73,10 +87,9 @@ def collect(runs: Sequence[RunSpec]) -> tuple[Scores, list[str]]:
         if not path.is_file():
             missing.append(spec.name)
             continue
-        cell = scores.setdefault(spec.finding, {}).setdefault(
-            spec.cell, {metric: [] for metric in METRICS})
+        cell = scores.setdefault(spec.finding, {}).setdefault(spec.cell, {})
         for metric, value in _run_values(path).items():
-            cell[metric].append(value)
+            cell.setdefault(metric, []).append(value)
     return scores, missing
 
 
@@ -91,12 +104,14 @@ def _judge_claim(claim: Claim, cells: dict[str, dict[str, list[float]]]) -> dict
     if any(c not in cells for c in claim.cells):
         return {**out, "verdict": "not run", "estimate": None}
     if claim.rule == "difference":
-        a, b = (cells[c][claim.metric] for c in claim.cells)
+        a, b = (cells[c].get(claim.metric, []) for c in claim.cells)
+        if not a or not b:  # the metric's eval task was not run
+            return {**out, "verdict": "inconclusive", "estimate": None}
         est = difference(a, b)
         verdict = judge_difference(est, claim.direction, MARGIN)
         out["claim"] = f"{claim.a} − {claim.b}: {claim.direction}"
     else:  # one cell's values: against 0 ("change") or a level
-        est = _estimate(cells[claim.a][claim.metric])
+        est = _estimate(cells[claim.a].get(claim.metric, []))
         if est is None:
             return {**out, "verdict": "inconclusive", "estimate": None}
         if claim.rule == "change":
@@ -130,10 +145,10 @@ def _markdown(report: dict[str, Any], header: str) -> str:
     for name, finding in report.items():
         columns = finding["columns"]
         lines += [f"## {name} (seeds {finding['seeds']})", "", finding["summary"], "",
-                  "| cell | " + " | ".join(METRIC_LABELS[c] for c in columns) + " |",
+                  "| cell | " + " | ".join(metric_label(c) for c in columns) + " |",
                   "|---" * (len(columns) + 1) + "|"]
         for cell, metrics in finding["cells"].items():
-            texts = ["–" if metrics[c] is None else Estimate(**metrics[c]).text()
+            texts = ["–" if metrics.get(c) is None else Estimate(**metrics[c]).text()
                      for c in columns]
             lines.append(f"| {finding['labels'][cell]} | " + " | ".join(texts) + " |")
         lines += ["", "| claim | judged | estimate | verdict |", "|---|---|---|---|"]
@@ -154,20 +169,23 @@ def _figure(report: dict[str, Any], path: Path, title: str) -> None:
     fig, axes = plt.subplots(len(findings), 1, figsize=(10, 3.6 * len(findings)), squeeze=False)
     for ax, (name, finding) in zip(axes[:, 0], findings, strict=True):
         cells = list(finding["cells"])
+        plotted = finding["columns"][0]  # a score, of the average or of one eval task
+        _, task = metric_name(plotted)
         means, errs = [], []
         for cell in cells:
-            est = finding["cells"][cell]["score"]
+            est = finding["cells"][cell][plotted]
             means.append(est["mean"])
             errs.append(0.0 if math.isnan(est["low"]) else (est["high"] - est["low"]) / 2)
         ax.bar(range(len(cells)), means, yerr=errs, capsize=3, color="tab:blue")
-        for i, (mean, est) in enumerate(zip(means, (finding["cells"][c]["score"] for c in cells),
+        for i, (mean, est) in enumerate(zip(means, (finding["cells"][c][plotted] for c in cells),
                                             strict=True)):
             ax.text(i, mean, f"{mean:.3f}\nn={est['n']}", ha="center", va="bottom", fontsize=7)
         ax.set_xticks(range(len(cells)), [finding["labels"][c] for c in cells], rotation=30,
                       ha="right", fontsize=8)
         references = []
         for metric, style in (("teacher", "--"), ("start", ":")):
-            values = [(finding["cells"][c].get(metric) or {}).get("mean", math.nan)
+            named = f"{metric}@{task}" if task else metric
+            values = [(finding["cells"][c].get(named) or {}).get("mean", math.nan)
                       for c in cells]
             if not all(math.isfinite(v) for v in values):
                 continue
@@ -182,7 +200,7 @@ def _figure(report: dict[str, Any], path: Path, title: str) -> None:
             ax.legend(loc="lower right", fontsize=7)
         low = min([m - e for m, e in zip(means, errs, strict=True)] + references)
         ax.set_ylim(max(0.0, low - 0.05), min(1.02, max(means + references) + 0.08))
-        ax.set_ylabel("score (mean ± 95 % CI)")
+        ax.set_ylabel(f"{metric_label(plotted)} (mean ± 95 % CI)")
         ax.set_title(f"{name} (seeds {finding['seeds']})", fontsize=10)
     fig.suptitle(title)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
