@@ -45,12 +45,22 @@ logger = logging.getLogger("reproduce_seeds")
 
 
 def _launch(runs: list[RunSpec], executor: run.Executor, entrypoint: str, path: str,
-            title: str) -> None:
+            title: str, parallel: int) -> None:
+    """``runs`` as one Experiment, ``parallel`` at a time: run ``i`` depends on run
+    ``i - parallel``, so they form ``parallel`` chains (a cluster queues the chains; the local
+    executor runs them ``parallel`` at a time, batch after batch)."""
     with run.Experiment(title, executor=executor) as experiment:
-        for spec in runs:
-            experiment.add(run.Script(path=path, args=list(spec.args), entrypoint=entrypoint),
-                           executor=executor.clone(), name=spec.name)
-        experiment.run(sequential=True)
+        ids: list[str] = []
+        for i, spec in enumerate(runs):
+            job_executor = executor.clone()
+            if parallel > 1 and isinstance(job_executor, run.LocalExecutor):
+                # runs side by side on one machine: one thread each, not every core each
+                job_executor.env_vars.setdefault("OMP_NUM_THREADS", "1")
+            ids.append(experiment.add(
+                run.Script(path=path, args=list(spec.args), entrypoint=entrypoint),
+                executor=job_executor, name=spec.name,
+                dependencies=[ids[i - parallel]] if i >= parallel else None))
+        experiment.run(sequential=parallel == 1)
 
 
 def reproduce_seeds(
@@ -60,6 +70,7 @@ def reproduce_seeds(
     overrides: tuple[str, ...] = (),
     output_root: str = "runs/reproduce",
     report_only: bool = False,
+    parallel: int = 1,
 ) -> None:
     """Run every (finding, cell, seed) of ``preset`` that has no results yet, then judge the
     claims and write ``<output_root>/results.{json,md,png}``.
@@ -73,6 +84,8 @@ def reproduce_seeds(
             a result made with them is not the protocol's.
         output_root: where runs and the table go (on a cluster: a shared absolute path).
         report_only: skip the runs; tabulate the finished ones.
+        parallel: runs at a time (local: processes side by side, one thread each — at most the
+            core count; a cluster: independent chains of runs). The ``full`` preset uses 2.
     """
     from nemo_opd.experiments.report import collect, judge, write_reproduction
 
@@ -97,18 +110,19 @@ def reproduce_seeds(
         for root in prepare_assets(findings, settings, output_root):  # shipped, or trained
             print(f"assets: {root}")
         started = time.perf_counter()
-        _launch(todo[:1], executor, entrypoint, path, "reproduce_seeds_probe")
+        _launch(todo[:1], executor, entrypoint, path, "reproduce_seeds_probe", 1)
         per_run = time.perf_counter() - started
-        estimate = per_run * len(todo) / 60
-        print(f"first run: {per_run:.0f} s; the grid ({len(todo)} runs) needs ~{estimate:.0f} "
-              f"min (budget of '{preset}': {settings.budget_minutes:g} min; an upper bound "
-              "where later runs reuse the teacher / PTQ evaluations the first one made)")
+        estimate = per_run * len(todo) / min(parallel, len(todo)) / 60
+        print(f"first run: {per_run:.0f} s; the grid ({len(todo)} runs, {parallel} at a time) "
+              f"needs ~{estimate:.0f} min (budget of '{preset}': {settings.budget_minutes:g} "
+              "min; an upper bound where later runs reuse the teacher / PTQ evaluations the "
+              "first one made, a lower one where runs side by side slow each other)")
         if estimate > settings.budget_minutes:
             print(f"WARNING: the grid does not fit the '{preset}' budget: ~{estimate:.0f} min > "
                   f"{settings.budget_minutes:g} min; lower the steps uniformly (and say so in "
                   "docs/reproduction.md) or run fewer findings")
         if todo[1:]:
-            _launch(todo[1:], executor, entrypoint, path, "reproduce_seeds")
+            _launch(todo[1:], executor, entrypoint, path, "reproduce_seeds", parallel)
     scores, missing = collect(runs)
     if missing:
         print(f"{len(missing)} run(s) have no results yet: {', '.join(missing[:5])}"
@@ -124,9 +138,14 @@ def reproduce_seeds(
     print("results: " + ", ".join(map(str, paths)))
 
 
+PARALLEL = {"quick": 1, "full": 2}
+"""Runs at a time per preset: ``full`` runs two side by side (the 2-core CPU of
+docs/reproduction.md's budget)."""
+
+
 def _factory(preset: str) -> Any:
     def factory() -> run.Partial:
-        return run.Partial(reproduce_seeds, preset=preset)
+        return run.Partial(reproduce_seeds, preset=preset, parallel=PARALLEL[preset])
 
     factory.__name__ = factory.__qualname__ = preset
     factory.__doc__ = f"The '{preset}' preset of docs/reproduction.md."
@@ -150,6 +169,9 @@ def check(kwargs: dict[str, Any], executor: run.Executor | None) -> None:
     recipe (override keys and values, ranks vs layout)."""
     if kwargs["preset"] not in PRESETS:
         raise ValueError(f"unknown preset {kwargs['preset']!r}; presets: {', '.join(PRESETS)}")
+    parallel = kwargs.get("parallel", 1)
+    if not isinstance(parallel, int) or parallel < 1:
+        raise ValueError(f"parallel must be an int >= 1, got {parallel!r}")
     check_finding_names(kwargs["findings"])
     recipe = _load_recipe()
     for spec in plan_runs(kwargs["findings"], PRESETS[kwargs["preset"]], kwargs["output_root"],

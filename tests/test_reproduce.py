@@ -101,6 +101,41 @@ def test_size_gap_verdicts(tmp_path):
     assert "| cell | score | gain over start | score / start |" in md
 
 
+def _write_task_run(spec, **roles: dict[str, float]) -> None:
+    """results.json with per-task values for the roles teacher, ptq (the start) and student."""
+    rows = [{"role": role, "numerics": "megatron fp32", "values": values,
+             "average": sum(values.values()) / len(values)} for role, values in roles.items()]
+    out = Path(spec.output_dir)
+    out.mkdir(parents=True)
+    (out / "results.json").write_text(json.dumps({"table": {"rows": rows}}))
+
+
+def test_self_distill_verdicts_per_eval_task(tmp_path):
+    """Synthetic per-task results: self-distillation lifts addition 0.48 -> ~0.90 and leaves
+    subtraction within 0.01 of its 0.958; the claims read the two tasks apart."""
+    runs = plan_runs(["self_distill"], PRESETS["full"], str(tmp_path))
+    assert {r.cell for r in runs} == {"self_distill", "offpolicy_kd"} and len(runs) == 6
+    assert "evaluation.local_tasks=[arith_gen=" in " ".join(runs[0].args)
+    for spec in runs:
+        jitter = 0.004 * (spec.seed - 1)
+        arith = (0.90 if spec.cell == "self_distill" else 0.70) + jitter
+        _write_task_run(spec, teacher={"arith_gen": 0.994, "sub_gen": 0.002},
+                        ptq={"arith_gen": 0.48, "sub_gen": 0.958},
+                        student={"arith_gen": arith, "sub_gen": 0.95 - jitter})
+    report = judge(collect(runs)[0])["self_distill"]
+    verdicts = {c["key"]: c["verdict"] for c in report["claims"]}
+    assert verdicts == {"3c behaviour": "reproduced", "3c knowledge": "reproduced"}
+    cell = report["cells"]["self_distill"]
+    assert cell["gain@arith_gen"]["mean"] == pytest.approx(0.42)
+    assert cell["gain@sub_gen"]["mean"] == pytest.approx(-0.008)
+    assert cell["teacher@arith_gen"]["mean"] == pytest.approx(0.994)
+    assert cell["score"]["mean"] == pytest.approx((0.90 + 0.95) / 2)  # the average, as before
+    paths = write_reproduction(judge(collect(runs)[0]), tmp_path / "r", header="# t", title="t")
+    assert ("| cell | score (arith_gen) | gain over start (arith_gen) | score (sub_gen) | "
+            "gain over start (sub_gen) |") in paths[1].read_text()
+    assert paths[2].stat().st_size > 0
+
+
 def test_bad_names():
     with pytest.raises(ValueError, match="did you mean 'quantization'"):
         check_finding_names(["quantisation"])
@@ -108,6 +143,8 @@ def test_bad_names():
         check_finding_names([])
     with pytest.raises(ValueError, match="compares two cells"):
         Claim("x", "t", "difference", "a")
+    with pytest.raises(ValueError, match="unknown metric 'gane@sub_gen'"):
+        Claim("x", "t", "change", "a", metric="gane@sub_gen")
 
 
 def _write_run(spec, score: float, gap: float, start: float = 0.446) -> None:
@@ -162,22 +199,25 @@ def test_recipe_refuses_bad_input_before_any_run(tmp_path):
     assert "unknown finding 'quantisation' (did you mean 'quantization'?)" in done.stderr
     done = _recipe("overrides=[optim.stepz=3]", f"output_root={tmp_path}", timeout=300)
     assert done.returncode != 0 and "optim.stepz" in done.stderr
+    done = _recipe("parallel=0", f"output_root={tmp_path}", timeout=300)
+    assert done.returncode != 0 and "parallel must be an int >= 1, got 0" in done.stderr
     assert not any(tmp_path.iterdir())
 
 
 def test_quick_preset_end_to_end(tmp_path):
-    """The quick grid of every finding with 3 steps per run and 50 eval problems: the chain
-    assets copied from the shipped models, the run finding 2 and finding 4 share run once, the
+    """The quick grid of every finding with 3 steps per run and 50 eval problems, two runs at a
+    time (the runs after the probe as two chains): the chain and fine-tuned assets copied from
+    the shipped models, the run finding 2 and finding 4 share run once, the
     probe's estimate, the table."""
     overrides = "overrides=[optim.steps=3,optim.warmup_steps=1,evaluation.limit=50]"
-    done = _recipe(overrides, f"output_root={tmp_path}", timeout=900)
+    done = _recipe(overrides, f"output_root={tmp_path}", "parallel=2", timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "the grid (6 runs) needs" in done.stdout
+    assert "the grid (7 runs, 2 at a time) needs" in done.stdout
     results = json.loads((tmp_path / "results.json").read_text())
     assert {name: set(report["cells"]) for name, report in results.items()} == {
         "quantization": {"int4_lambda0_beta1", "int4_lambda1_beta1"},
         "size_gap": {"on_policy_gkd", "hybrid"}, "sampled_loss": {"sampled_t0.3"},
-        "gap": {"2x128_off", "2x128_on"}}
+        "self_distill": {"self_distill"}, "gap": {"2x128_off", "2x128_on"}}
     assert results["gap"]["cells"]["2x128_on"] == results["size_gap"]["cells"]["on_policy_gkd"]
     for report in results.values():
         for cell in report["cells"].values():
@@ -190,8 +230,12 @@ def test_quick_preset_end_to_end(tmp_path):
                  (tmp_path / run / "seed0/metrics.jsonl").read_text().splitlines()
                  if '"step"' in line]
         assert max(steps) == 3
+    # the fine-tuned start is scored on both tasks, from the shipped copy
+    start = results["self_distill"]["cells"]["self_distill"]
+    assert start["start@arith_gen"]["mean"] < 0.7 and start["start@sub_gen"]["mean"] > 0.9
     # one teacher record for the chain task's runs, one PTQ record per untrained student
-    assert len(list((tmp_path / "baselines").glob("eval_teacher-*.json"))) == 2  # demo, chain
+    assert len(list((tmp_path / "baselines").glob("eval_teacher-*.json"))) == 3  # demo twice
+    # (its own eval tasks and asset copy for self_distill), chain
     # rerun: everything is done, nothing runs again
     again = _recipe(overrides, f"output_root={tmp_path}", "--dryrun", timeout=300)
-    assert again.stdout.count("[done]") == 6 and again.stdout.count("[shared]") == 1
+    assert again.stdout.count("[done]") == 7 and again.stdout.count("[shared]") == 1

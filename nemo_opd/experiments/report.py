@@ -71,10 +71,10 @@ def _run_values(path: Path) -> dict[str, float]:
               "seconds_per_step": statistics.median(step_seconds) if step_seconds else math.nan,
               **_score_metrics(float(student["average"]), float(start["average"]),
                                float(teacher["average"]) if teacher else math.nan)}
-    for task, score in student["values"].items():
+    for task, score in student.get("values", {}).items():
         values.update(_score_metrics(
-            float(score), float(start["values"].get(task, math.nan)),
-            float(teacher["values"].get(task, math.nan)) if teacher else math.nan, task))
+            float(score), float(start.get("values", {}).get(task, math.nan)),
+            float(teacher.get("values", {}).get(task, math.nan)) if teacher else math.nan, task))
     return values
 
 
