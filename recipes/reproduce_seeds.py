@@ -107,7 +107,8 @@ def reproduce_seeds(
     if ctx.dryrun:
         return
     if todo and not report_only:
-        for root in prepare_assets(findings, settings, output_root):  # shipped, or trained
+        # shipped, or trained here (minutes): `parallel` sets at a time
+        for root in prepare_assets(findings, settings, output_root, parallel):
             print(f"assets: {root}")
         started = time.perf_counter()
         _launch(todo[:1], executor, entrypoint, path, "reproduce_seeds_probe", 1)

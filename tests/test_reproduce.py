@@ -136,6 +136,18 @@ def test_self_distill_verdicts_per_eval_task(tmp_path):
     assert paths[2].stat().st_size > 0
 
 
+def test_asset_sets_built_side_by_side(tmp_path):
+    """Two asset sets (finding 2's shipped pair, finding 3c's fine-tuned model) in two worker
+    processes: the same roots the plan names, each complete."""
+    from nemo_opd.experiments.findings import asset_root, prepare_assets
+
+    roots = prepare_assets(["size_gap", "self_distill"], PRESETS["quick"], str(tmp_path),
+                           parallel=2)
+    assert roots == [asset_root(name, str(tmp_path)) for name in ("chain", "finetuned")]
+    assert all((root / "READY").is_file() for root in roots)
+    assert (roots[1] / "sub_gen.jsonl").is_file() and (roots[1] / "student").is_dir()
+
+
 def test_bad_names():
     with pytest.raises(ValueError, match="did you mean 'quantization'"):
         check_finding_names(["quantisation"])

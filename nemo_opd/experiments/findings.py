@@ -383,13 +383,36 @@ def _cells(finding: Finding, preset: Preset) -> list[Cell]:
             else list(finding.cells))
 
 
-def prepare_assets(names: Sequence[str], preset: Preset, output_root: str) -> list[Path]:
-    """Build (or find cached) the asset sets the cells of ``preset`` use; returns their roots."""
+def _prepare_set(name: str, output_root: str) -> Path:
     from nemo_opd.demo.assets import prepare_demo
+
+    return prepare_demo(Path(output_root) / "assets", *_asset_configs(name)).root
+
+
+def _worker_setup() -> None:
+    import logging
+
+    import torch
+
+    torch.set_num_threads(1)  # sets are built side by side: one core each
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+
+
+def prepare_assets(names: Sequence[str], preset: Preset, output_root: str,
+                   parallel: int = 1) -> list[Path]:
+    """Build (or find cached) the asset sets the cells of ``preset`` use; returns their roots.
+    ``parallel`` > 1 builds up to that many sets at a time, each in a worker process of one
+    thread (a set whose student is trained here takes minutes)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
 
     sets = sorted({c.assets for n in check_finding_names(names)
                    for c in _cells(FINDINGS[n], preset)} - {""})
-    return [prepare_demo(Path(output_root) / "assets", *_asset_configs(s)).root for s in sets]
+    if parallel == 1 or len(sets) < 2:
+        return [_prepare_set(s, output_root) for s in sets]
+    with ProcessPoolExecutor(max_workers=min(parallel, len(sets)), initializer=_worker_setup,
+                             mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(_prepare_set, sets, [output_root] * len(sets)))
 
 
 def _settings(finding: Finding, preset: Preset, output_root: str
