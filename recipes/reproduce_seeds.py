@@ -1,14 +1,14 @@
 """Reproduce the seed findings in miniature: a grid of recipe runs, several seeds, one verdict per
 claim (protocol and results: docs/reproduction.md).
 
-    nemo run recipes/reproduce_seeds.py                      # quick: every finding, 1 seed, ~6 min
-    nemo run recipes/reproduce_seeds.py --factory full       # the protocol: 3 seeds, <= 60 min
+    nemo run recipes/reproduce_seeds.py                      # quick: every finding, 1 seed, ~7 min
+    nemo run recipes/reproduce_seeds.py --factory full       # the protocol: 3 seeds, 2 at a time
     nemo run recipes/reproduce_seeds.py --factory full --dryrun   # one line per run
     nemo run recipes/reproduce_seeds.py report_only=true     # tabulate finished runs only
 
 Every run is ``python recipes/onpolicy_qat.py --factory tiny <cell overrides> optim.steps=N
 seed=K output_dir=<output_root>/<finding>/<cell>/seed<K>``, launched as a ``run.Script`` of a
-NeMo-Run Experiment on ``run.executor`` (default: this machine, one run after the other).
+NeMo-Run Experiment on ``run.executor`` (default: this machine), ``parallel`` runs at a time.
 Findings on their own task or models (``size_gap``, ``self_distill``, ...) read them from
 ``<output_root>/assets``, made before the first run (copied from the shipped ones, or trained
 there: minutes); on a cluster ``output_root`` must be a path every node sees. Runs
