@@ -152,9 +152,9 @@ def _build_model(target: Path, task: DemoTask, cfg: TeacherConfig, role: str,
         logger.info("demo %s: copying the shipped one from %s", role, shipped)
         shutil.copytree(shipped, target)
     else:
-        logger.info("demo %s: no shipped copy for key %s; %s one (minutes)", role,
-                    model_key(task, cfg, init_key),
-                    "training" if init_dir is None else f"fine-tuning {init_dir.name}'s")
+        how = "training one" if init_dir is None else f"fine-tuning one from the {init_dir.name}"
+        logger.info("demo %s: no shipped copy for key %s; %s (minutes)", role,
+                    model_key(task, cfg, init_key), how)
         record_teacher(target, task, cfg, init_dir=init_dir)
 
 
