@@ -16,7 +16,10 @@ median s) and as ratios of the medians to HF ``generate`` and to the fp32 megatr
 Methods:
 
 * ``hf_generate``: ``AutoModelForCausalLM.generate(use_cache=True)``;
-* ``megatron_engine``: :class:`~nemo_opd.rollout.MegatronEngine` (megatron's static KV cache);
+* ``megatron_engine``: :class:`~nemo_opd.rollout.MegatronEngine` (megatron's static KV cache,
+  its modules in their decoding forms, :mod:`nemo_opd.rollout.decode_layers`);
+* ``megatron_modules_as_is``: the same engine running megatron-core's modules as they are
+  (``decoding_layers=False``: keys re-rotated every step, matmuls in autograd ``Function``\ s);
 * ``hf_engine``: :class:`~nemo_opd.rollout.HFEngine` refit from the fp32 student (the external
   engine that runs here: HF's model, the megatron engine's decoding loop and sampler);
 * ``megatron_no_cache``: the same engine recomputing the whole sequence every step;
@@ -101,6 +104,8 @@ def main() -> None:
                                 generator=torch.Generator().manual_seed(0))
         eos, pad = config.eos_token_id, config.pad_token_id
         engines = {"megatron_engine": MegatronEngine(gpt, pad_id=pad, eos_id=eos),
+                   "megatron_modules_as_is": MegatronEngine(gpt, pad_id=pad, eos_id=eos,
+                                                            decoding_layers=False),
                    "megatron_no_cache": MegatronEngine(gpt, pad_id=pad, eos_id=eos,
                                                        use_kv_cache=False),
                    "hf_engine": HFEngine(gpt, model_dir, pad_id=pad, eos_id=eos),

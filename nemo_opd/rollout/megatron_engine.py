@@ -41,6 +41,7 @@ one new token within ``max_sequence_length`` (default: the model's maximum posit
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import time
@@ -51,6 +52,7 @@ from megatron.core.inference.contexts.static_context import StaticInferenceConte
 
 from nemo_opd.quant.student import weights_quantized_once
 from nemo_opd.rollout.decode import RowDecoder, expand_rows, rollout_batch
+from nemo_opd.rollout.decode_layers import decoding_layers
 from nemo_opd.rollout.engine import LogprobKind, RolloutBatch, SamplingParams
 from nemo_opd.rollout.external import check_prompts
 
@@ -81,11 +83,16 @@ class MegatronEngine:
             None: the model's ``max_sequence_length``.
         use_kv_cache: False recomputes the whole sequence every step (a reference for tests and
             debugging; same tokens, quadratically slower).
+        decoding_layers: run megatron-core's attention and linears as their decoding forms
+            during a call (:mod:`nemo_opd.rollout.decode_layers`: keys rotated once, matmuls
+            outside autograd; bit-identical). False runs them as they are (a reference for tests
+            and benchmarks).
     """
 
     def __init__(self, model: torch.nn.Module, *, pad_id: int, eos_id: int | None,
                  tp_group: dist.ProcessGroup | None = None,
-                 max_sequence_length: int | None = None, use_kv_cache: bool = True) -> None:
+                 max_sequence_length: int | None = None, use_kv_cache: bool = True,
+                 decoding_layers: bool = True) -> None:
         self.model = model
         gpt = _unwrap(model)
         for attr in ("vocab_size", "max_sequence_length", "pg_collection"):
@@ -106,6 +113,7 @@ class MegatronEngine:
         self.eos_id = eos_id
         self.max_sequence_length = limit
         self.use_kv_cache = use_kv_cache
+        self.decoding_layers = decoding_layers
         self.tp_group = tp_group if tp_group is not None else gpt.pg_collection.tp
 
     def update_weights(self, model: torch.nn.Module) -> None:
@@ -236,7 +244,9 @@ class MegatronEngine:
         self.model.eval()
         try:
             # The weights are fixed for the whole call: quantize them once, not once per token.
-            with weights_quantized_once(self.model):
+            with weights_quantized_once(self.model), \
+                    (decoding_layers(self.model) if self.decoding_layers
+                     else contextlib.nullcontext()):
                 result = self._generate_rows(
                     [p + q for p, q in expanded], prefix_stopped, params, stop_ids, seed, device)
         finally:
