@@ -31,6 +31,8 @@ def _both_ways(model) -> dict[str, bool]:
     for name, params in CASES.items():
         a = fast.generate(PROMPTS, params, forced_prefixes=PREFIXES)
         b = reference.generate(PROMPTS, params, forced_prefixes=PREFIXES)
+        # generated in inference mode, handed out as tensors autograd may use
+        assert not any(t.is_inference() for t in (a.tokens, a.logprobs, a.lengths, a.stopped))
         equal[name] = torch.equal(a.tokens, b.tokens) and torch.equal(a.logprobs, b.logprobs)
     return equal
 

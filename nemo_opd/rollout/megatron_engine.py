@@ -27,6 +27,12 @@ Quantized students. The weights do not change during a call, so each ModelOpt we
 runs once per call (:func:`nemo_opd.quant.student.weights_quantized_once`), not once per decoded
 token; tokens and log-probs are bit-identical to quantizing in every forward.
 
+Decoding speed. A decoding step of a small model is mostly per-call overhead, not arithmetic, so
+the call runs under ``torch.inference_mode`` (its tensors are copied out as ordinary ones) and
+megatron-core's attention and linears run as their decoding forms
+(:mod:`nemo_opd.rollout.decode_layers`: keys rotated once, matmuls outside autograd), bit-identical
+to the modules as they are.
+
 Tensor parallelism. Logits are gathered over the model's TP group (``runtime_gather_output``), so
 every TP rank holds the same full-vocabulary logits and samples with the same seeded generator:
 tokens are identical across TP ranks. Every TP rank must call :meth:`MegatronEngine.generate`
@@ -178,7 +184,7 @@ class MegatronEngine:
         cache.swap_key_value_dict(torch.cat([rep_of, rest]))
         return logits[rep_of]
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def _generate_rows(self, contexts: list[list[int]], prefix_stopped: torch.Tensor,
                        params: SamplingParams, stop_ids: list[int], seed: int,
                        device: torch.device
@@ -249,6 +255,9 @@ class MegatronEngine:
                      else contextlib.nullcontext()):
                 result = self._generate_rows(
                     [p + q for p, q in expanded], prefix_stopped, params, stop_ids, seed, device)
+            # Made in inference mode (cheaper per op than no_grad), such tensors may not enter
+            # autograd later, as the trainer's losses use the log-probs: hand out plain copies.
+            result = tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in result)
         finally:
             for module, training in modes:
                 module.training = training
