@@ -83,19 +83,12 @@ def round_to_e2m1(x: torch.Tensor) -> torch.Tensor:
         float32 tensor of the same shape holding E2M1 values.
     """
     a = x.abs()
-    # Sum of the steps between consecutive E2M1 values (each exact in float32). A tie goes up
-    # ('>=') where the upper neighbour has the even code and stays down ('>') otherwise.
-    magnitude = (
-        0.5 * (a > 0.25)
-        + 0.5 * (a >= 0.75)
-        + 0.5 * (a > 1.25)
-        + 0.5 * (a >= 1.75)
-        + 1.0 * (a > 2.5)
-        + 1.0 * (a >= 3.5)
-        + 2.0 * (a > 5.0)
-    )
-    q = torch.copysign(magnitude.to(torch.float32), x)
-    return torch.where(torch.isnan(x), x, q)
+    # E2M1 has one mantissa bit: its grid spacing is 0.5 below 2, 1 in [2, 4) and 2 from 4 on.
+    # Scaled by the inverse spacing (a power of two, so exactly), rounding half to even
+    # (torch.round) lands ties on the even code; clamping saturates at 6 (inf included). NaN
+    # passes through every step with its sign.
+    scale = torch.where(a < 2.0, 2.0, torch.where(a < 4.0, 1.0, 0.5))
+    return torch.copysign((a * scale).round_().div_(scale).clamp_(max=6.0), x)
 
 
 def round_to_e4m3(x: torch.Tensor) -> torch.Tensor:
