@@ -71,21 +71,25 @@ class RowDecoder:
         order): rows past their context sample a token there (stop ids banned while fewer than
         ``min_new_tokens`` are written), others keep their context token."""
         generating = self.context_lengths[live] <= position
-        if not generating.any():
-            return
-        rows = live[generating]
+        if not generating.all():  # some rows still feed their context: leave them out
+            if not generating.any():
+                return
+            live, logits = live[generating], logits[generating]
         banned = None
         if params.min_new_tokens and self.stop.numel():
-            early = (self.written[rows] < params.min_new_tokens)[:, None]
-            banned = early & torch.isin(torch.arange(logits.shape[-1], device=logits.device),
-                                        self.stop)[None, :]
-        drawn = sample_tokens(logits[generating], params, banned=banned, generator=self.generator)
-        self.tokens[rows, position] = drawn.tokens
-        self.logprobs[rows, position] = drawn.logprobs
-        self.written[rows] += 1
+            early = self.written[live] < params.min_new_tokens
+            if early.any():
+                stop_ids = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+                stop_ids[self.stop] = True
+                banned = early[:, None] & stop_ids[None, :]
+        drawn = sample_tokens(logits, params, banned=banned, generator=self.generator)
+        self.tokens[live, position] = drawn.tokens
+        self.logprobs[live, position] = drawn.logprobs
+        written = self.written[live] + 1
+        self.written[live] = written
         hit_stop = torch.isin(drawn.tokens, self.stop)
-        self.stopped[rows] = hit_stop
-        self.done[rows] = hit_stop | (self.written[rows] >= self.budget[rows])
+        self.stopped[live] = hit_stop
+        self.done[live] = hit_stop | (written >= self.budget[live])
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                               LogprobKind]:

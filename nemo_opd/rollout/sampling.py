@@ -90,9 +90,10 @@ def sample_tokens(logits: torch.Tensor, params: SamplingParams, *,
     if params.greedy:
         tokens = allowed.argmax(dim=-1)
     else:
-        sampling = torch.log_softmax(
-            filter_logits(allowed / params.temperature, top_k=params.top_k, top_p=params.top_p),
-            dim=-1)
+        scaled = allowed / params.temperature if params.temperature != 1.0 else allowed
+        if params.top_k or params.top_p < 1.0:
+            scaled = filter_logits(scaled, top_k=params.top_k, top_p=params.top_p)
+        sampling = torch.log_softmax(scaled, dim=-1)
         tokens = torch.multinomial(sampling.exp(), 1, generator=generator).squeeze(-1)
         if params.logprobs == "sampling":
             return SampledTokens(tokens, sampling.gather(-1, tokens[:, None]).squeeze(-1),
