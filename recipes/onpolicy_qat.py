@@ -352,9 +352,6 @@ def check(kwargs: dict[str, Any], executor: run.Executor | None) -> None:
     ``config.json`` files are read (nemo_opd.launch.memory)."""
     fields = {f.name for f in dataclasses.fields(RunConfig)}
     cfg = RunConfig(**{k: v for k, v in kwargs.items() if k in fields})
-    if kwargs["export"].enabled and cfg.quant.format == "none":
-        raise ValueError("export.enabled=true with quant.format=none: the export writes a "
-                         "quantized checkpoint; choose a format or set export.enabled=false")
     if executor is None or isinstance(executor, run.LocalExecutor):
         check_output_dir(cfg.output_dir)  # remote jobs check theirs where it lives
     every = cfg.checkpoint.save_every

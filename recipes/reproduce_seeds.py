@@ -1,7 +1,7 @@
 """Reproduce the seed findings in miniature: a grid of recipe runs, several seeds, one verdict per
 claim (protocol and results: docs/reproduction.md).
 
-    nemo run recipes/reproduce_seeds.py                      # quick: every finding, 1 seed, ~7 min
+    nemo run recipes/reproduce_seeds.py                      # quick: every finding, 1 seed, 8 runs
     nemo run recipes/reproduce_seeds.py --factory full       # the protocol: 3 seeds, 2 at a time
     nemo run recipes/reproduce_seeds.py --factory full --dryrun   # one line per run
     nemo run recipes/reproduce_seeds.py report_only=true     # tabulate finished runs only
@@ -48,18 +48,23 @@ def _launch(runs: list[RunSpec], executor: run.Executor, entrypoint: str, path: 
             title: str, parallel: int) -> None:
     """``runs`` as one Experiment, ``parallel`` at a time: run ``i`` depends on run
     ``i - parallel``, so they form ``parallel`` chains (a cluster queues the chains; the local
-    executor runs them ``parallel`` at a time, batch after batch)."""
+    executor runs them ``parallel`` at a time, batch after batch), and on the run it starts
+    from (``RunSpec.after``) when that one is part of ``runs`` too."""
     with run.Experiment(title, executor=executor) as experiment:
         ids: list[str] = []
+        id_of: dict[str, str] = {}
         for i, spec in enumerate(runs):
             job_executor = executor.clone()
             if parallel > 1 and isinstance(job_executor, run.LocalExecutor):
                 # runs side by side on one machine: one thread each, not every core each
                 job_executor.env_vars.setdefault("OMP_NUM_THREADS", "1")
+            dependencies = [ids[i - parallel]] if i >= parallel else []
+            if spec.after in id_of and id_of[spec.after] not in dependencies:
+                dependencies.append(id_of[spec.after])
             ids.append(experiment.add(
                 run.Script(path=path, args=list(spec.args), entrypoint=entrypoint),
-                executor=job_executor, name=spec.name,
-                dependencies=[ids[i - parallel]] if i >= parallel else None))
+                executor=job_executor, name=spec.name, dependencies=dependencies or None))
+            id_of[spec.output_dir] = ids[-1]
         experiment.run(sequential=parallel == 1)
 
 
@@ -79,7 +84,8 @@ def reproduce_seeds(
         preset: "quick" (the harness on a subset, 1 seed) or "full" (docs/reproduction.md).
         findings: registered findings to run (nemo_opd.experiments.findings.FINDINGS):
             ``quantization`` (finding 1), ``size_gap`` (finding 2), ``sampled_loss`` and
-            ``self_distill`` (finding 3), ``gap`` (finding 4).
+            ``self_distill`` (finding 3), ``gap`` and ``quantized_distilled`` (finding 4; the
+            latter starts from finding 2's on_policy_gkd students, run first if needed).
         overrides: extra recipe overrides for every run (e.g. ``[optim.micro_batch_size=16]``);
             a result made with them is not the protocol's.
         output_root: where runs and the table go (on a cluster: a shared absolute path).
@@ -103,7 +109,8 @@ def reproduce_seeds(
     todo = [r for r in unique if not (Path(r.output_dir) / "results.json").is_file()]
     for spec in runs:
         state = "shared" if spec not in unique else "to run" if spec in todo else "done"
-        print(f"{spec.name} [{state}]: {entrypoint} {path} {' '.join(spec.args)}")
+        after = f" (after {spec.after})" if spec.after else ""
+        print(f"{spec.name} [{state}]{after}: {entrypoint} {path} {' '.join(spec.args)}")
     if ctx.dryrun:
         return
     if todo and not report_only:

@@ -324,6 +324,53 @@ def test_exported_files_have_ordinary_permissions(tiny_quant_model_dir, tmp_path
     assert out.stat().st_mode & 0o777 == 0o755
 
 
+def _full_precision_checks(model_dir: str, out_dir: str) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from nemo_opd.models import load_hf_gpt
+    from nemo_opd.quant.export import export_full_precision
+    from nemo_opd.quant.student import quantize_student
+    from nemo_opd.runtime import distributed_runtime
+
+    with distributed_runtime():
+        model = load_hf_gpt(model_dir)
+        with torch.no_grad():  # trained weights: not the source checkpoint's
+            for param in model.parameters():
+                param.add_(torch.randn_like(param) * 0.01)
+        student = _megatron_logits(model)
+        export_full_precision(model, model_dir, out_dir, dtype=torch.float32,
+                              tokenizer_dir=model_dir)
+        hf = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32)
+        ids, _ = _inputs()
+        with torch.no_grad():
+            exported = hf(ids).logits
+        reloaded = _megatron_logits(load_hf_gpt(out_dir))  # the next run's student
+        quantize_student(model, "mxfp4")
+        try:
+            export_full_precision(model, model_dir, f"{out_dir}_q")
+            quantized_error = ""
+        except ValueError as error:
+            quantized_error = str(error)
+    files = {p.name for p in Path(out_dir).iterdir()}
+    config = json.loads((Path(out_dir) / "config.json").read_text())
+    return {"student": student, "hf": exported, "reloaded": reloaded, "files": files,
+            "config": config, "quantized_error": quantized_error}
+
+
+@pytest.mark.multirank
+def test_full_precision_export_is_the_trained_model(tiny_model_dirs, tmp_path):
+    """A quant.format=none student (size / self distillation) exports as a plain HF checkpoint:
+    HF transformers and the next run's load_hf_gpt compute the trained model's logits."""
+    (out,) = run_ranks(_full_precision_checks, world_size=1, timeout=300,
+                       model_dir=tiny_model_dirs["qwen3"], out_dir=str(tmp_path / "export"))
+    scale = out["student"].abs().max()
+    assert (out["hf"] - out["student"]).abs().max() / scale < 1e-5
+    assert (out["reloaded"] - out["student"]).abs().max() / scale < 1e-6
+    assert "quantization_config" not in out["config"]
+    assert "hf_quant_config.json" not in out["files"] and "tokenizer.json" in out["files"]
+    assert "enabled quantizers" in out["quantized_error"]
+
+
 def test_export_rejects_a_missing_source_dir(tmp_path):
     from nemo_opd.quant.export import export_student
 

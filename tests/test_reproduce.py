@@ -72,6 +72,23 @@ def test_gap_plan_shares_finding_2s_runs():
     assert alone[0].output_dir == "/out/size_gap/offpolicy_kd/seed0"
 
 
+def test_quantized_distilled_plan_starts_from_finding_2s_exports():
+    runs = plan_runs(["quantized_distilled"], PRESETS["full"], "/out")
+    sources = [r for r in runs if r.finding == "size_gap"]
+    assert [r.cell for r in sources] == ["on_policy_gkd"] * 3  # added: their finding not asked
+    assert all("export.enabled=true" in r.args for r in sources)
+    for i, spec in enumerate(runs):
+        if spec.finding == "quantized_distilled":
+            assert spec.after == f"/out/size_gap/on_policy_gkd/seed{spec.seed}"
+            assert spec.after in {r.output_dir for r in runs[:i]}  # its start runs first
+            assert f"model.student={spec.after}/export" in spec.args
+            assert "quant.format=int4" in spec.args
+    assert len(runs) == 3 + 4 * 3
+    # asked together with finding 2, the sources are finding 2's own runs, not added again
+    both = plan_runs(["size_gap", "quantized_distilled"], PRESETS["full"], "/out")
+    assert len(both) == 27 + 12 and len({r.output_dir for r in both}) == 39
+
+
 def test_sampled_loss_plan():
     runs = {r.cell: r for r in plan_runs(["size_gap", "sampled_loss"], PRESETS["full"], "/out")
             if r.seed == 0}
@@ -220,16 +237,18 @@ def test_quick_preset_end_to_end(tmp_path):
     """The quick grid of every finding with 3 steps per run and 50 eval problems, two runs at a
     time (the runs after the probe as two chains): the chain and fine-tuned assets copied from
     the shipped models, the run finding 2 and finding 4 share run once, the
-    probe's estimate, the table."""
+    probe's estimate, the table; finding 4b's run starts from the exported student of finding
+    2's on_policy_gkd run, which therefore runs before it."""
     overrides = "overrides=[optim.steps=3,optim.warmup_steps=1,evaluation.limit=50]"
     done = _recipe(overrides, f"output_root={tmp_path}", "parallel=2", timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "the grid (7 runs, 2 at a time) needs" in done.stdout
+    assert "the grid (8 runs, 2 at a time) needs" in done.stdout
     results = json.loads((tmp_path / "results.json").read_text())
     assert {name: set(report["cells"]) for name, report in results.items()} == {
         "quantization": {"int4_lambda0_beta1", "int4_lambda1_beta1"},
         "size_gap": {"on_policy_gkd", "hybrid"}, "sampled_loss": {"sampled_t0.3"},
-        "self_distill": {"self_distill"}, "gap": {"2x128_off", "2x128_on"}}
+        "self_distill": {"self_distill"}, "gap": {"2x128_off", "2x128_on"},
+        "quantized_distilled": {"own_on"}}
     assert results["gap"]["cells"]["2x128_on"] == results["size_gap"]["cells"]["on_policy_gkd"]
     for report in results.values():
         for cell in report["cells"].values():
@@ -246,8 +265,14 @@ def test_quick_preset_end_to_end(tmp_path):
     start = results["self_distill"]["cells"]["self_distill"]
     assert start["start@arith_gen"]["mean"] < 0.7 and start["start@sub_gen"]["mean"] > 0.9
     # one teacher record for the chain task's runs, one PTQ record per untrained student
-    assert len(list((tmp_path / "baselines").glob("eval_teacher-*.json"))) == 3  # demo twice
-    # (its own eval tasks and asset copy for self_distill), chain
+    # demo twice (its own eval tasks and asset copy for self_distill), chain, and finding 4b's
+    # teacher: the distilled student's full-precision export
+    assert len(list((tmp_path / "baselines").glob("eval_teacher-*.json"))) == 4
+    export = tmp_path / "size_gap/on_policy_gkd/seed0/export"
+    assert (export / "config.json").is_file() and not (export / "hf_quant_config.json").exists()
+    distilled = results["quantized_distilled"]["cells"]["own_on"]
+    assert distilled["teacher"]["mean"] == results["size_gap"]["cells"]["on_policy_gkd"][
+        "score"]["mean"]  # the export scores as the trained student
     # rerun: everything is done, nothing runs again
     again = _recipe(overrides, f"output_root={tmp_path}", "--dryrun", timeout=300)
-    assert again.stdout.count("[done]") == 7 and again.stdout.count("[shared]") == 1
+    assert again.stdout.count("[done]") == 8 and again.stdout.count("[shared]") == 1

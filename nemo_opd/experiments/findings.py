@@ -12,8 +12,9 @@ finding 2 (``size_gap``, seed 004) on the chain-sum task's teacher and weak stud
 (:mod:`nemo_opd.demo.chain`; shipped, or trained on first use by :func:`prepare_assets`),
 finding 3's loss and temperature cells (``sampled_loss``, seed 003) and its self-distillation
 after fine-tuning (``self_distill``, seed 003 §4, on the demo teacher fine-tuned on subtraction,
-:mod:`nemo_opd.demo.finetune`), and finding 4's gap sweep (``gap``: three student sizes, on- vs
-off-policy) (``docs/reproduction.md``).
+:mod:`nemo_opd.demo.finetune`), finding 4's gap sweep (``gap``: three student sizes, on- vs
+off-policy) and its quantized case (``quantized_distilled``: INT4 students of finding 2's
+on-policy-distilled models, whose runs export them for it) (``docs/reproduction.md``).
 """
 
 from __future__ import annotations
@@ -75,6 +76,9 @@ class Cell:
     stands for the directory of :attr:`assets`, ``{half}`` for half the run's steps."""
     assets: str = ""
     """"" = the recipe's built-in demo; else a key of :data:`ASSETS`."""
+    after: str = ""
+    """``"<finding>/<cell>"``: this cell starts from that cell's run of the same seed (its
+    exported student, ``{after}/export``), so that run goes first; "" = none."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,6 +142,10 @@ class Finding:
         if {c.assets for c in self.cells} - {"", *ASSETS}:
             raise ValueError(f"finding {self.name}: cells name unknown asset sets; known: "
                              f"{', '.join(ASSETS)}")
+        for cell in self.cells:
+            if cell.after and cell.after.count("/") != 1:
+                raise ValueError(f"finding {self.name}: cell {cell.name}'s after must be "
+                                 f"'<finding>/<cell>', got {cell.after!r}")
         unknown = {n for claim in self.claims for n in claim.cells} | set(self.quick_cells)
         if unknown - set(names):
             raise ValueError(f"finding {self.name}: claims or quick_cells name unknown cells "
@@ -223,8 +231,11 @@ _OFF_POLICY = {
     "reverse_curriculum": ("reverse_curriculum", ("distill.strategy.name=reverse_curriculum",
                                                   "distill.strategy.switch_step={half}")),
 }
+_EXPORTED = ("export.enabled=true", "export.evaluate=false", "export.dtype=float32")
+"""A run whose student a later run starts from (finding 4b): its full-precision export."""
+
 _ON_POLICY = {
-    "on_policy_gkd": ("on_policy_gkd", ("distill.strategy.name=on_policy_gkd",)),
+    "on_policy_gkd": ("on_policy_gkd", ("distill.strategy.name=on_policy_gkd", *_EXPORTED)),
     "extended_on_policy": ("extended_on_policy (2×)", (
         "distill.strategy.name=extended_on_policy",)),
     "teacher_seeded": ("teacher_seeded", ("distill.strategy.name=teacher_seeded",
@@ -322,8 +333,34 @@ def _self_distill() -> Finding:
         columns=("score@arith_gen", "gain@arith_gen", "score@sub_gen", "gain@sub_gen"))
 
 
+def _quantized_distilled() -> Finding:
+    source = "size_gap/on_policy_gkd"
+    run = (*_CHAIN_RUN, "model.student={after}/export", "quant.format=int4")
+    teachers = {"own": ("its own full-precision weights", "model.teacher={after}/export"),
+                "teacher": ("finding 2's teacher", "model.teacher={assets}/teacher")}
+    modes = {"off": ("off-policy KD (λ=0)", _OFF_POLICY["offpolicy_kd"][1]),
+             "on": ("on_policy_gkd", ("distill.strategy.name=on_policy_gkd",))}
+    cells = tuple(Cell(name=f"{teacher}_{mode}", label=f"teacher: {t_label}, {m_label}",
+                       overrides=(*run, t_override, *m_overrides), assets="chain", after=source)
+                  for teacher, (t_label, t_override) in teachers.items()
+                  for mode, (m_label, m_overrides) in modes.items())
+    claims = (Claim("4b own", "like case 1: λ=1 and λ=0 end within noise (teacher: the "
+                    "student's own full-precision weights)", "difference", "own_on", "own_off",
+                    direction="none"),
+              Claim("4b teacher", "like case 2: on-policy beats off-policy (teacher: the larger "
+                    "model the student was distilled from)", "difference", "teacher_on",
+                    "teacher_off", direction="greater"))
+    return Finding(
+        name="quantized_distilled", seeds="beyond 000–004",
+        summary="INT4 students of finding 2's on_policy_gkd-distilled model (each seed's own), "
+                "distilled off- and on-policy from that model's full-precision weights or from "
+                "finding 2's teacher",
+        cells=cells, claims=claims, quick_cells=("own_on",),
+        steps={"quick": 8, "full": 40}, columns=("score", "gap_recovered", "gain"))
+
+
 FINDINGS = {f.name: f for f in (_quantization(), _size_gap(), _sampled_loss(), _self_distill(),
-                                _gap())}
+                                _gap(), _quantized_distilled())}
 """Registered findings by name."""
 
 
@@ -353,6 +390,8 @@ class RunSpec:
     args: tuple[str, ...]
     """``recipes/onpolicy_qat.py`` arguments."""
     output_dir: str
+    after: str = ""
+    """The output directory of the run this one starts from (:attr:`Cell.after`), or ""."""
 
     @property
     def name(self) -> str:
@@ -415,35 +454,65 @@ def prepare_assets(names: Sequence[str], preset: Preset, output_root: str,
         return list(pool.map(_prepare_set, sets, [output_root] * len(sets)))
 
 
-def _settings(finding: Finding, preset: Preset, output_root: str
+def _settings(finding: Finding, preset: Preset, output_root: str,
+              homes: dict[tuple[str, str, int], str]
               ) -> list[tuple[Cell, int, tuple[str, ...]]]:
-    """``(cell, seed, recipe arguments without output and baseline dirs)`` of each run."""
+    """``(cell, seed, recipe arguments without output and baseline dirs)`` of each run;
+    ``homes`` maps ``(finding, cell, seed)`` of the runs planned so far to their directories
+    (what ``{after}`` stands for)."""
     steps = finding.steps[preset.name]
     out = []
     for cell, seed in itertools.product(_cells(finding, preset), preset.seeds):
         fill = {"half": steps // 2,
-                "assets": asset_root(cell.assets, output_root) if cell.assets else ""}
+                "assets": asset_root(cell.assets, output_root) if cell.assets else "",
+                "after": homes[(*cell.after.split("/"), seed)] if cell.after else ""}
         out.append((cell, seed, ("--factory", "tiny", *(o.format(**fill) for o in cell.overrides),
                                  f"optim.steps={steps}", f"seed={seed}")))
     return out
 
 
+def _homes(preset: Preset, output_root: str
+           ) -> tuple[dict[tuple[str, ...], str], dict[tuple[str, str, int], str]]:
+    """Every registered run's directory, by its settings and by ``(finding, cell, seed)``.
+    A run identical to one of a finding registered earlier (finding 4's smallest student is
+    finding 2's) has that finding's directory."""
+    by_setting: dict[tuple[str, ...], str] = {}
+    by_name: dict[tuple[str, str, int], str] = {}
+    full = dataclasses.replace(preset, quick=False)  # a quick cell may start from any cell
+    for name, finding in FINDINGS.items():
+        for cell, seed, setting in _settings(finding, full, output_root, by_name):
+            home = by_setting.setdefault(setting,
+                                         f"{output_root}/{name}/{cell.name}/seed{seed}")
+            by_name[name, cell.name, seed] = home
+    return by_setting, by_name
+
+
 def plan_runs(names: Sequence[str], preset: Preset, output_root: str,
               extra_overrides: Sequence[str] = ()) -> list[RunSpec]:
-    """Every (finding, cell, seed) run of ``preset``, in that order; outputs under
+    """Every (finding, cell, seed) run of ``preset``, in that order, each after the runs it
+    starts from (:attr:`Cell.after`, added when their finding is not asked for); outputs under
     ``<output_root>/<finding>/<cell>/seed<k>``, asset sets under ``<output_root>/assets``, the
     teacher / PTQ evaluations the runs share under ``<output_root>/baselines`` (records keyed by
     what they depend on: a teacher is evaluated once). A run identical to one of a finding
-    registered earlier (finding 4's smallest student is finding 2's) has that finding's
-    directory, whichever findings are asked for: it runs once and both read it."""
-    home: dict[tuple[str, ...], str] = {}
-    for name, finding in FINDINGS.items():
-        for cell, seed, setting in _settings(finding, preset, output_root):
-            home.setdefault(setting, f"{output_root}/{name}/{cell.name}/seed{seed}")
-    runs = []
+    registered earlier has that finding's directory, whichever findings are asked for: it runs
+    once and both read it."""
+    by_setting, by_name = _homes(preset, output_root)
+
+    def spec(name: str, cell: Cell, seed: int, setting: tuple[str, ...]) -> RunSpec:
+        args = (*setting, f"output_dir={by_setting[setting]}",
+                f"baseline_dir={output_root}/baselines", *extra_overrides)
+        after = by_name[(*cell.after.split("/"), seed)] if cell.after else ""
+        return RunSpec(name, cell.name, seed, args, by_setting[setting], after)
+
+    runs: list[RunSpec] = []
     for name in check_finding_names(names):
-        for cell, seed, setting in _settings(FINDINGS[name], preset, output_root):
-            args = (*setting, f"output_dir={home[setting]}",
-                    f"baseline_dir={output_root}/baselines", *extra_overrides)
-            runs.append(RunSpec(name, cell.name, seed, args, home[setting]))
+        for cell, seed, setting in _settings(FINDINGS[name], preset, output_root, by_name):
+            if cell.after and by_name[(*cell.after.split("/"), seed)] not in {
+                    r.output_dir for r in runs}:
+                source, source_cell = cell.after.split("/")
+                full = dataclasses.replace(preset, quick=False)
+                runs += [spec(source, c, k, st) for c, k, st in _settings(
+                    FINDINGS[source], full, output_root, by_name)
+                    if c.name == source_cell and k == seed]
+            runs.append(spec(name, cell, seed, setting))
     return runs

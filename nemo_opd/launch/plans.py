@@ -68,14 +68,16 @@ class EvalPlan:
 @dataclasses.dataclass(frozen=True)
 class ExportPlan:
     """The deployable artifact: a ModelOpt unified HF checkpoint (``hf_quant_config.json``)
-    that TensorRT-LLM loads with ``LLM(model=dir)``."""
+    that TensorRT-LLM loads with ``LLM(model=dir)``; for a full-precision student
+    (``quant.format=none``) a plain HF checkpoint of ``dtype``."""
 
     enabled: bool = True
     """Export the trained student (needs TP = PP = 1; a larger layout skips it with a note)."""
     dir: str = ""
     """Where; "" = ``<output_dir>/export``."""
     dtype: str = "bfloat16"
-    """dtype of the unquantized tensors (embeddings, norms, output layer)."""
+    """dtype of the unquantized tensors (embeddings, norms, output layer; every tensor of a
+    full-precision student)."""
     evaluate: bool = True
     """Evaluate the export through lm-eval's HF model on its dequantised weights."""
 

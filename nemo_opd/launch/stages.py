@@ -189,7 +189,7 @@ def export_trained_student(student: torch.nn.Module | None, cfg: RunConfig, plan
     ModelOpt's exporter needs whole weights: ``student`` None, or one sharded with TP or
     PP > 1, is first restored whole from the run's newest checkpoint on every rank (the trainer
     saves one after its last step), so no rerun is needed."""
-    from nemo_opd.quant.export import export_student
+    from nemo_opd.quant.export import export_full_precision, export_student
     from nemo_opd.runtime import model_parallel_layout
 
     export_dir = Path(plan.dir or Path(cfg.output_dir) / "export")
@@ -203,8 +203,10 @@ def export_trained_student(student: torch.nn.Module | None, cfg: RunConfig, plan
     target = export_dir if is_rank0() else Path(tempfile.mkdtemp(prefix="nemo_opd_export_"))
     try:
         with model_parallel_layout(student.pg_collection), third_party_prints_off():
-            export_student(student, cfg.model.student, target, dtype=_DTYPES[plan.dtype],
-                           tokenizer_dir=cfg.model.tokenizer_path)
+            # a full-precision student (quant.format=none) is written as a plain HF checkpoint
+            export = export_student if cfg.quant.format != "none" else export_full_precision
+            export(student, cfg.model.student, target, dtype=_DTYPES[plan.dtype],
+                   tokenizer_dir=cfg.model.tokenizer_path)
     finally:
         if not is_rank0():
             shutil.rmtree(target, ignore_errors=True)

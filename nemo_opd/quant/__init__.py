@@ -18,7 +18,12 @@ if TYPE_CHECKING:
         enable_cpu_quant_backend,
         register_cpu_quant_backend,
     )
-    from nemo_opd.quant.export import ExportResult, export_student, student_weight_codes
+    from nemo_opd.quant.export import (
+        ExportResult,
+        export_full_precision,
+        export_student,
+        student_weight_codes,
+    )
     from nemo_opd.quant.lora import (
         LoraConfig,
         add_lora,
@@ -40,6 +45,7 @@ _EXPORTS = {
     "nvfp4_fake_quant": "mx_numerics",
     "ExportResult": "export",
     "export_student": "export",
+    "export_full_precision": "export",
     "student_weight_codes": "export",
     "LoraConfig": "lora",
     "add_lora": "lora",
@@ -58,6 +64,7 @@ __all__ = [
     "register_cpu_quant_backend",
     "ExportResult",
     "export_student",
+    "export_full_precision",
     "student_weight_codes",
     "LoraConfig",
     "add_lora",

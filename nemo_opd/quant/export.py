@@ -64,6 +64,7 @@ __all__ = [
     "student_weight_codes",
     "modelopt_exporter_class",
     "export_student",
+    "export_full_precision",
 ]
 
 logger = logging.getLogger(__name__)
@@ -428,25 +429,29 @@ def _make_readable(export_dir: Path) -> None:
             path.chmod(0o755 if path.is_dir() else 0o644)
 
 
-def _check_exportable(model: torch.nn.Module) -> WeightFormat:
-    from nemo_opd.quant.student import enabled_quantizers
-
+def _check_whole(model: torch.nn.Module) -> None:
     config = getattr(model, "config", None)
     tp = getattr(config, "tensor_model_parallel_size", 1)
     pp = getattr(config, "pipeline_model_parallel_size", 1)
     if tp != 1 or pp != 1:
         raise ValueError(
-            f"export_student needs the whole model in one process (TP = PP = 1); got TP={tp}, "
+            f"export needs the whole model in one process (TP = PP = 1); got TP={tp}, "
             f"PP={pp}. Save it with nemo_opd.models.checkpoint.save_model_checkpoint and restore "
             "it at TP=1 with load_model_checkpoint first (ModelOpt's exporter writes every TP "
             "rank's shard to the same file)."
         )
+
+
+def _check_exportable(model: torch.nn.Module) -> WeightFormat:
+    from nemo_opd.quant.student import enabled_quantizers
+
+    _check_whole(model)
     names = enabled_quantizers(model)["weight"]
     if not names:
         raise ValueError(
             "export_student exports a quantized student, but the model has no enabled weight "
-            "quantizer; quantize it with nemo_opd.quant.student.quantize_student first (an "
-            "unquantized model exports with ModelOpt's export_mcore_gpt_to_hf as is)"
+            "quantizer; quantize it with nemo_opd.quant.student.quantize_student first, or "
+            "write it unquantized with export_full_precision"
         )
     linears = [name.rsplit(".", 1)[0] for name in names]
     for linear in linears:
@@ -486,17 +491,10 @@ def export_student(model: torch.nn.Module, hf_model_dir: str | Path, export_dir:
         NotImplementedError: a weight format or quantized module the export does not cover.
         RuntimeError: the student's fake-quantized weights do not decode onto the format's grid.
     """
-    from nemo_opd.models.hf_config import read_hf_config
-    from nemo_opd.models.vocab import trim_padded_vocab
     from nemo_opd.quant.lora import has_lora_adapters, merge_lora
 
-    hf_model_dir, export_dir = Path(hf_model_dir), Path(export_dir)
-    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"dtype must be torch.float32, float16 or bfloat16, got {dtype}")
-    if not (hf_model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{hf_model_dir} has no config.json (the student's HF source)")
-    if tokenizer_dir is not None and not Path(tokenizer_dir).is_dir():
-        raise FileNotFoundError(f"tokenizer_dir {tokenizer_dir} does not exist")
+    hf_model_dir, export_dir = _check_export_paths(hf_model_dir, export_dir, dtype,
+                                                   tokenizer_dir)
     fmt = _check_exportable(model)
     if has_lora_adapters(model):
         logger.warning("export_student: merging LoRA adapters into the base weights (in place)")
@@ -506,19 +504,68 @@ def export_student(model: torch.nn.Module, hf_model_dir: str | Path, export_dir:
     exporter = modelopt_exporter_class()(model, str(hf_model_dir), dtype=dtype)
     total, code_mismatches, scale_mismatches = _replace_quantized_tensors(
         exporter.layer_state_dicts, student)
-    hf_config = read_hf_config(hf_model_dir)
-    trim_padded_vocab(exporter.layer_state_dicts, hf_config.architecture, hf_config.vocab_size)
-    export_dir.mkdir(parents=True, exist_ok=True)
-    exporter.save_pretrained(str(export_dir), str(hf_model_dir))
+    _save_export(exporter, hf_model_dir, export_dir, tokenizer_dir)
     if is_rank0():
         block_size = next(iter(student.values())).block_size
         _write_quant_config(exporter, export_dir, fmt, block_size)
-        if tokenizer_dir is not None:
-            for name in TOKENIZER_FILES:
-                if (Path(tokenizer_dir) / name).is_file():
-                    shutil.copy2(Path(tokenizer_dir) / name, export_dir / name)
     _make_readable(export_dir)
     logger.info("exported %s student to %s: %d codes; ModelOpt alone would have written %d "
                 "codes and %d scales differently", fmt, export_dir, total, code_mismatches,
                 scale_mismatches)
     return ExportResult(export_dir, fmt, total, code_mismatches, scale_mismatches)
+
+
+def export_full_precision(model: torch.nn.Module, hf_model_dir: str | Path,
+                          export_dir: str | Path, *, dtype: torch.dtype = torch.bfloat16,
+                          tokenizer_dir: str | Path | None = None) -> Path:
+    """Write an unquantized ``model`` (a size- or self-distilled student, ``quant.format=none``)
+    as a plain Hugging Face checkpoint of ``dtype``: ModelOpt's ``GPTModelExporter`` as it is
+    (what ``export_mcore_gpt_to_hf`` does), the padded vocabulary rows trimmed, the tokenizer
+    copied. It loads with ``AutoModelForCausalLM`` and as the ``model.student`` of a next run.
+    Same arguments, checks and layout rules as :func:`export_student`; returns ``export_dir``.
+
+    Raises:
+        ValueError: TP/PP > 1, or a quantized model (:func:`export_student` writes those).
+    """
+    from nemo_opd.quant.student import enabled_quantizers
+
+    hf_model_dir, export_dir = _check_export_paths(hf_model_dir, export_dir, dtype,
+                                                   tokenizer_dir)
+    _check_whole(model)
+    if any(enabled_quantizers(model).values()):
+        raise ValueError("export_full_precision writes an unquantized model, but this one has "
+                         "enabled quantizers; export_student writes quantized checkpoints")
+    exporter = modelopt_exporter_class()(model, str(hf_model_dir), dtype=dtype)
+    _save_export(exporter, hf_model_dir, export_dir, tokenizer_dir)
+    _make_readable(export_dir)
+    logger.info("exported the full-precision student to %s (%s)", export_dir, dtype)
+    return export_dir
+
+
+def _check_export_paths(hf_model_dir: str | Path, export_dir: str | Path, dtype: torch.dtype,
+                        tokenizer_dir: str | Path | None) -> tuple[Path, Path]:
+    hf_model_dir, export_dir = Path(hf_model_dir), Path(export_dir)
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype must be torch.float32, float16 or bfloat16, got {dtype}")
+    if not (hf_model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{hf_model_dir} has no config.json (the student's HF source)")
+    if tokenizer_dir is not None and not Path(tokenizer_dir).is_dir():
+        raise FileNotFoundError(f"tokenizer_dir {tokenizer_dir} does not exist")
+    return hf_model_dir, export_dir
+
+
+def _save_export(exporter: Any, hf_model_dir: Path, export_dir: Path,
+                 tokenizer_dir: str | Path | None) -> None:
+    """Trim the vocabulary padding from ``exporter``'s tensors, write them and the configs to
+    ``export_dir`` and copy the tokenizer files from ``tokenizer_dir``."""
+    from nemo_opd.models.hf_config import read_hf_config
+    from nemo_opd.models.vocab import trim_padded_vocab
+
+    hf_config = read_hf_config(hf_model_dir)
+    trim_padded_vocab(exporter.layer_state_dicts, hf_config.architecture, hf_config.vocab_size)
+    export_dir.mkdir(parents=True, exist_ok=True)
+    exporter.save_pretrained(str(export_dir), str(hf_model_dir))
+    if is_rank0() and tokenizer_dir is not None:
+        for name in TOKENIZER_FILES:
+            if (Path(tokenizer_dir) / name).is_file():
+                shutil.copy2(Path(tokenizer_dir) / name, export_dir / name)
