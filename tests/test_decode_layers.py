@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from multirank import run_ranks
+from test_quantize_once import forward_and_grads, student
 
 from nemo_opd.rollout import SamplingParams
 
@@ -37,16 +38,6 @@ def _both_ways(model) -> dict[str, bool]:
     return equal
 
 
-def _forward_and_grads(model) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    tokens = torch.tensor([[5, 6, 7, 8, 9, 10]])
-    model.zero_grad(set_to_none=True)
-    logits = model(tokens, torch.arange(tokens.shape[1])[None], None,
-                   runtime_gather_output=True)
-    logits.float().logsumexp(-1).sum().backward()
-    return (logits.detach().clone(),
-            {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-
-
 def _same(a: tuple, b: tuple) -> bool:
     return (torch.equal(a[0], b[0]) and a[1].keys() == b[1].keys()
             and all(torch.equal(a[1][k], b[1][k]) for k in a[1]))
@@ -54,32 +45,20 @@ def _same(a: tuple, b: tuple) -> bool:
 
 def _model_checks(model_dir: str, tp: int = 1, dtype: torch.dtype = torch.float32,
                   fmt: str | None = None, lora: bool = False) -> dict:
-    from nemo_opd.models import load_hf_gpt
-    from nemo_opd.quant.lora import add_lora
-    from nemo_opd.quant.student import quantize_student
     from nemo_opd.rollout.decode_layers import decoding_layers
     from nemo_opd.runtime import ParallelConfig, distributed_runtime
 
     with distributed_runtime(ParallelConfig(tensor_model_parallel_size=tp)):
-        model = load_hf_gpt(model_dir, ParallelConfig(tensor_model_parallel_size=tp),
-                            dtype=dtype)
-        if fmt:
-            quantize_student(model, fmt)
-        if lora:
-            add_lora(model)
-            with torch.no_grad():  # non-zero adapters, so they change the outputs
-                for name, param in model.named_parameters():
-                    if "lora_b" in name:
-                        param.copy_(torch.randn_like(param) * 0.05)
+        model = student(model_dir, tp, fmt, lora, dtype)
         classes = [type(m) for m in model.modules()]
-        before = _forward_and_grads(model)
+        before = forward_and_grads(model)
         equal = _both_ways(model)
         with decoding_layers(model) as swapped:
-            inside = _forward_and_grads(model)  # grad enabled: megatron-core's own paths
+            inside = forward_and_grads(model)  # grad enabled: megatron-core's own paths
         return {"equal": equal, "swapped": swapped,
                 "classes_back": [type(m) for m in model.modules()] == classes,
                 "train_same_inside": _same(before, inside),
-                "train_same_after": _same(before, _forward_and_grads(model)),
+                "train_same_after": _same(before, forward_and_grads(model)),
                 "layers": len(model.decoder.layers)}
 
 

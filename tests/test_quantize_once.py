@@ -30,7 +30,7 @@ def _generate_per_token(engine, params: SamplingParams):
         megatron_engine.weights_quantized_once = real
 
 
-def _forward_and_grads(model) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def forward_and_grads(model) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     tokens = torch.tensor([[5, 6, 7, 8, 9, 10]])
     positions = torch.arange(tokens.shape[1])[None]
     model.zero_grad(set_to_none=True)
@@ -40,35 +40,43 @@ def _forward_and_grads(model) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     return logits.detach().clone(), grads
 
 
-def _checks(model_dir: str, fmt: str, lora: bool, tp: int) -> dict:
+def student(model_dir: str, tp: int, fmt: str | None, lora: bool,
+            dtype: torch.dtype = torch.float32):
+    """The model at TP = ``tp`` in ``dtype``, quantized to ``fmt`` (None: not), with non-zero
+    LoRA adapters (so they change the outputs) when ``lora``. Call inside a runtime."""
     from nemo_opd.models import load_hf_gpt
     from nemo_opd.quant.lora import add_lora
-    from nemo_opd.quant.student import (
-        enabled_quantizers,
-        quantize_student,
-        weights_quantized_once,
-    )
+    from nemo_opd.quant.student import quantize_student
+    from nemo_opd.runtime import ParallelConfig
+
+    model = load_hf_gpt(model_dir, ParallelConfig(tensor_model_parallel_size=tp), dtype=dtype)
+    if fmt:
+        quantize_student(model, fmt)
+    if lora:
+        add_lora(model)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_b" in name:
+                    param.copy_(torch.randn_like(param) * 0.05)
+    return model
+
+
+def _checks(model_dir: str, fmt: str, lora: bool, tp: int) -> dict:
+    from nemo_opd.quant.student import enabled_quantizers, weights_quantized_once
     from nemo_opd.rollout import MegatronEngine
     from nemo_opd.runtime import ParallelConfig, distributed_runtime
 
     with distributed_runtime(ParallelConfig(tensor_model_parallel_size=tp)):
-        model = load_hf_gpt(model_dir, ParallelConfig(tensor_model_parallel_size=tp))
-        quantize_student(model, fmt)
-        if lora:
-            add_lora(model)
-            with torch.no_grad():  # non-zero adapters, so they change the outputs
-                for name, param in model.named_parameters():
-                    if "lora_b" in name:
-                        param.copy_(torch.randn_like(param) * 0.05)
+        model = student(model_dir, tp, fmt, lora)
         engine = MegatronEngine(model, pad_id=0, eos_id=None)
-        before = _forward_and_grads(model)
+        before = forward_and_grads(model)
         quantizers = enabled_quantizers(model)
         per_token = _generate_per_token(engine, PARAMS)
         once = engine.generate(PROMPTS, PARAMS)
         with weights_quantized_once(model) as count:
             nested = engine.generate(PROMPTS, PARAMS)  # already quantized: nothing more to do
             plain_inside = _plain_linears(model)
-        after = _forward_and_grads(model)
+        after = forward_and_grads(model)
         return {
             "count": count,
             "weight_quantizers": len(quantizers["weight"]),
