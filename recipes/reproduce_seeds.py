@@ -46,10 +46,11 @@ logger = logging.getLogger("reproduce_seeds")
 
 def _launch(runs: list[RunSpec], executor: run.Executor, entrypoint: str, path: str,
             title: str, parallel: int) -> None:
-    """``runs`` as one Experiment, ``parallel`` at a time: run ``i`` depends on run
-    ``i - parallel``, so they form ``parallel`` chains (a cluster queues the chains; the local
-    executor runs them ``parallel`` at a time, batch after batch), and on the run it starts
-    from (``RunSpec.after``) when that one is part of ``runs`` too."""
+    """``runs`` as one Experiment. One at a time: NeMo-Run's sequential mode, in plan order
+    (which puts every run after the one it starts from). ``parallel`` > 1: run ``i`` depends on
+    run ``i - parallel``, so they form ``parallel`` chains (a cluster queues the chains; the
+    local executor runs them ``parallel`` at a time, batch after batch), and on the run it
+    starts from (``RunSpec.after``) when that one is part of ``runs`` too."""
     with run.Experiment(title, executor=executor) as experiment:
         ids: list[str] = []
         id_of: dict[str, str] = {}
@@ -58,8 +59,9 @@ def _launch(runs: list[RunSpec], executor: run.Executor, entrypoint: str, path: 
             if parallel > 1 and isinstance(job_executor, run.LocalExecutor):
                 # runs side by side on one machine: one thread each, not every core each
                 job_executor.env_vars.setdefault("OMP_NUM_THREADS", "1")
-            dependencies = [ids[i - parallel]] if i >= parallel else []
-            if spec.after in id_of and id_of[spec.after] not in dependencies:
+            dependencies = [ids[i - parallel]] if parallel > 1 and i >= parallel else []
+            # NeMo-Run refuses dependencies in sequential mode, where order alone suffices
+            if parallel > 1 and spec.after in id_of and id_of[spec.after] not in dependencies:
                 dependencies.append(id_of[spec.after])
             ids.append(experiment.add(
                 run.Script(path=path, args=list(spec.args), entrypoint=entrypoint),

@@ -222,6 +222,51 @@ def _recipe(*args: str, timeout: int) -> subprocess.CompletedProcess:
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+class _FakeExperiment:
+    """Stands in for ``nemo_run.Experiment``: records the jobs' dependencies and the mode."""
+
+    def __init__(self, title, executor=None):
+        self.jobs, self.sequential = [], None
+
+    def __enter__(self):
+        _FakeExperiment.last = self
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def add(self, task, executor=None, name="", dependencies=None):
+        self.jobs.append((name, dependencies))
+        return name
+
+    def run(self, sequential=False):
+        if sequential and any(deps for _, deps in self.jobs):
+            raise AssertionError("NeMo-Run refuses dependencies in sequential mode")
+        self.sequential = sequential
+
+
+def test_launch_orders_runs_after_the_runs_they_start_from(monkeypatch):
+    import importlib.util
+
+    import nemo_run as run
+
+    spec = importlib.util.spec_from_file_location(
+        "reproduce_seeds", Path(__file__).parents[1] / "recipes" / "reproduce_seeds.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    monkeypatch.setattr(recipe.run, "Experiment", _FakeExperiment)
+    runs = plan_runs(["quantized_distilled"], PRESETS["full"], "/out")
+    recipe._launch(runs, run.LocalExecutor(), "python", "x.py", "t", 1)
+    assert _FakeExperiment.last.sequential is True  # plan order: sources first
+    recipe._launch(runs, run.LocalExecutor(), "python", "x.py", "t", 2)
+    jobs = dict(_FakeExperiment.last.jobs)
+    assert _FakeExperiment.last.sequential is False
+    for i, r in enumerate(runs):
+        chain = [runs[i - 2].name] if i >= 2 else []
+        source = [s.name for s in runs if s.output_dir == r.after]
+        assert sorted(jobs[r.name] or []) == sorted(set(chain + source)), r.name
+
+
 def test_recipe_refuses_bad_input_before_any_run(tmp_path):
     done = _recipe("findings=[quantisation]", f"output_root={tmp_path}", timeout=300)
     assert done.returncode != 0
