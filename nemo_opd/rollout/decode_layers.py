@@ -13,10 +13,11 @@ removes them for the block, with every tensor computed bit for bit as before:
   equal the ones megatron rotates later.
 * :class:`DecodingColumnParallelLinear` / :class:`DecodingRowParallelLinear`: megatron-core's
   matmul runs in an autograd ``Function`` (``linear_with_grad_accumulation_and_async_allreduce``)
-  whose bookkeeping (saving inputs, the TP-group lookup) costs more than a decode step's small
-  matmul. Under ``no_grad`` without sequence parallelism the same ``torch.matmul(input,
-  weight.t()) (+ bias)`` runs directly; the module's forward (TP collectives, bias handling) is
-  megatron-core's.
+  whose bookkeeping (saving inputs, the TP-group lookup), like that of the TP mappings around
+  it, costs more than a decode step's small matmul. Under ``no_grad`` without sequence
+  parallelism the same ``torch.matmul(input, weight.t()) (+ bias)`` runs directly, followed by
+  the collective the mapping's forward runs (megatron-core's ``_gather_along_last_dim`` /
+  ``_reduce``; nothing at TP = 1), with the bias where megatron-core adds it.
 
 Only modules of exactly megatron-core's classes are swapped (after
 :func:`nemo_opd.quant.student.weights_quantized_once` returned weight-only quantized linears to
