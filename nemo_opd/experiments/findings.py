@@ -454,37 +454,45 @@ def prepare_assets(names: Sequence[str], preset: Preset, output_root: str,
         return list(pool.map(_prepare_set, sets, [output_root] * len(sets)))
 
 
+def _source(cell: Cell, seed: int) -> tuple[str, str, int]:
+    """``(finding, cell, seed)`` of the run ``cell``'s run of ``seed`` starts from."""
+    finding, source_cell = cell.after.split("/")
+    return finding, source_cell, seed
+
+
 def _settings(finding: Finding, preset: Preset, output_root: str,
-              homes: dict[tuple[str, str, int], str]
+              registered: dict[tuple[str, str, int], RunSpec]
               ) -> list[tuple[Cell, int, tuple[str, ...]]]:
     """``(cell, seed, recipe arguments without output and baseline dirs)`` of each run;
-    ``homes`` maps ``(finding, cell, seed)`` of the runs planned so far to their directories
-    (what ``{after}`` stands for)."""
+    ``registered`` holds the runs planned so far (``{after}`` is a directory of one of them)."""
     steps = finding.steps[preset.name]
     out = []
     for cell, seed in itertools.product(_cells(finding, preset), preset.seeds):
         fill = {"half": steps // 2,
                 "assets": asset_root(cell.assets, output_root) if cell.assets else "",
-                "after": homes[(*cell.after.split("/"), seed)] if cell.after else ""}
+                "after": registered[_source(cell, seed)].output_dir if cell.after else ""}
         out.append((cell, seed, ("--factory", "tiny", *(o.format(**fill) for o in cell.overrides),
                                  f"optim.steps={steps}", f"seed={seed}")))
     return out
 
 
-def _homes(preset: Preset, output_root: str
-           ) -> tuple[dict[tuple[str, ...], str], dict[tuple[str, str, int], str]]:
-    """Every registered run's directory, by its settings and by ``(finding, cell, seed)``.
-    A run identical to one of a finding registered earlier (finding 4's smallest student is
-    finding 2's) has that finding's directory."""
-    by_setting: dict[tuple[str, ...], str] = {}
-    by_name: dict[tuple[str, str, int], str] = {}
-    full = dataclasses.replace(preset, quick=False)  # a quick cell may start from any cell
+def _registered_runs(preset: Preset, output_root: str, extra_overrides: Sequence[str]
+                     ) -> dict[tuple[str, str, int], RunSpec]:
+    """The run of every registered cell (quick or not: a quick cell may start from any cell)
+    with ``preset``'s steps and seeds, by ``(finding, cell, seed)``. A run identical to one of a
+    finding registered earlier (finding 4's smallest student is finding 2's) has that finding's
+    directory."""
+    home_of: dict[tuple[str, ...], str] = {}
+    registered: dict[tuple[str, str, int], RunSpec] = {}
+    every_cell = dataclasses.replace(preset, quick=False)
     for name, finding in FINDINGS.items():
-        for cell, seed, setting in _settings(finding, full, output_root, by_name):
-            home = by_setting.setdefault(setting,
-                                         f"{output_root}/{name}/{cell.name}/seed{seed}")
-            by_name[name, cell.name, seed] = home
-    return by_setting, by_name
+        for cell, seed, setting in _settings(finding, every_cell, output_root, registered):
+            home = home_of.setdefault(setting, f"{output_root}/{name}/{cell.name}/seed{seed}")
+            args = (*setting, f"output_dir={home}", f"baseline_dir={output_root}/baselines",
+                    *extra_overrides)
+            after = registered[_source(cell, seed)].output_dir if cell.after else ""
+            registered[name, cell.name, seed] = RunSpec(name, cell.name, seed, args, home, after)
+    return registered
 
 
 def plan_runs(names: Sequence[str], preset: Preset, output_root: str,
@@ -496,23 +504,12 @@ def plan_runs(names: Sequence[str], preset: Preset, output_root: str,
     what they depend on: a teacher is evaluated once). A run identical to one of a finding
     registered earlier has that finding's directory, whichever findings are asked for: it runs
     once and both read it."""
-    by_setting, by_name = _homes(preset, output_root)
-
-    def spec(name: str, cell: Cell, seed: int, setting: tuple[str, ...]) -> RunSpec:
-        args = (*setting, f"output_dir={by_setting[setting]}",
-                f"baseline_dir={output_root}/baselines", *extra_overrides)
-        after = by_name[(*cell.after.split("/"), seed)] if cell.after else ""
-        return RunSpec(name, cell.name, seed, args, by_setting[setting], after)
-
+    registered = _registered_runs(preset, output_root, extra_overrides)
     runs: list[RunSpec] = []
     for name in check_finding_names(names):
-        for cell, seed, setting in _settings(FINDINGS[name], preset, output_root, by_name):
-            if cell.after and by_name[(*cell.after.split("/"), seed)] not in {
-                    r.output_dir for r in runs}:
-                source, source_cell = cell.after.split("/")
-                full = dataclasses.replace(preset, quick=False)
-                runs += [spec(source, c, k, st) for c, k, st in _settings(
-                    FINDINGS[source], full, output_root, by_name)
-                    if c.name == source_cell and k == seed]
-            runs.append(spec(name, cell, seed, setting))
+        for cell, seed in itertools.product(_cells(FINDINGS[name], preset), preset.seeds):
+            spec = registered[name, cell.name, seed]
+            if spec.after and spec.after not in {r.output_dir for r in runs}:
+                runs.append(registered[_source(cell, seed)])
+            runs.append(spec)
     return runs
